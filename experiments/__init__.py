@@ -1,0 +1,1 @@
+"""Thin command-line wrappers over sparse_jax; each experiment is an importable function."""

@@ -1,0 +1,234 @@
+"""GPT-2-style transformer as pure functions over a plain params dict (PAPER.md §1).
+
+Shape legend (used in every module's names):
+  B batch, L sequence length, D d_model, H n_head, K d_head, A n_head*d_head,
+  F d_mlp, V vocab, T tasks, N nodes, C channels of one node site.
+
+Architecture, as the authors' `gpt.py`: token embedding (learned positions optional, off by
+default), pre-norm blocks with RMSNorm, causal attention with an optional per-head sink
+logit, exact-GELU MLP, biases everywhere but the unembedding, untied `lm_head`, and an
+optional dense bigram table whose row for the current token is added to the logits. AbsTopK
+(keep the k largest |x|) applies at each loctype in `cfg.afrac_loctypes` with
+k = int(afrac * width); q, k and v are each top-k'd over all heads jointly, as the authors do.
+
+Params paths (regex-able, used by the sparsity rules):
+  wte [V,D], wpe [block_size,D] (optional), ln_f/scale [D], lm_head/w [D,V], bigram [V,V],
+  blocks/{i}/ln_1/scale, blocks/{i}/attn/c_attn/{w [D,3A], b [3A]},
+  blocks/{i}/attn/c_proj/{w [A,D], b [D]}, blocks/{i}/attn/sink [H] (optional),
+  blocks/{i}/ln_2/scale, blocks/{i}/mlp/c_fc/{w [D,F], b [F]}, blocks/{i}/mlp/c_proj/{w [F,D], b [D]}.
+Weights are stored [in, out] (TF orientation), so x @ w.
+
+Node sites (activation capture and circuit masks), per layer i, each seen after its AbsTopK,
+matching the authors' hook names:
+  i.attn.act_in [D]   residual read of attention (after ln_1)
+  i.attn.q, i.attn.k, i.attn.v [A]
+  i.attn.resid_delta [D]   residual write of attention (after c_proj)
+  i.mlp.act_in [D]    residual read of the MLP (after ln_2)
+  i.mlp.post_act [F]  MLP neurons (after the activation)
+  i.mlp.resid_delta [D]    residual write of the MLP
+Ablation at a site interpolates towards a mean: x -> mean + m * (x - mean).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from sparse_jax.config import ModelConfig
+
+Params = dict[str, Any]
+# site name -> (mask_C, mean_C); both broadcast against the site's [B, L, C] activation.
+Ablation = Mapping[str, tuple[jax.Array, jax.Array]]
+
+SITE_KINDS = ("attn.act_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta",
+              "mlp.act_in", "mlp.post_act", "mlp.resid_delta")
+
+
+def node_sites(cfg: ModelConfig) -> dict[str, int]:
+  """All node sites in forward order, mapped to their channel counts."""
+  width = {"attn.act_in": cfg.d_model, "attn.q": cfg.d_attn, "attn.k": cfg.d_attn,
+           "attn.v": cfg.d_attn, "attn.resid_delta": cfg.d_model, "mlp.act_in": cfg.d_model,
+           "mlp.post_act": cfg.d_mlp, "mlp.resid_delta": cfg.d_model}
+  return {f"{i}.{kind}": width[kind] for i in range(cfg.n_layer) for kind in SITE_KINDS}
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+  """Initialises params as the authors do: N(0, 0.02), c_proj N(0, 0.02/sqrt(2 n_layer))."""
+  std, proj_std = 0.02, 0.02 / math.sqrt(2 * cfg.n_layer)
+  D, A, F, V = cfg.d_model, cfg.d_attn, cfg.d_mlp, cfg.vocab_size
+  keys = iter(jax.random.split(key, 4 + 4 * cfg.n_layer))
+
+  def normal(shape, s):
+    return s * jax.random.normal(next(keys), shape, jnp.float32)
+
+  blocks = {}
+  for i in range(cfg.n_layer):
+    attn = {"c_attn": {"w": normal((D, 3 * A), std), "b": jnp.zeros(3 * A)},
+            "c_proj": {"w": normal((A, D), proj_std), "b": jnp.zeros(D)}}
+    if cfg.sink:
+      attn["sink"] = jnp.zeros(cfg.n_head)
+    blocks[str(i)] = {
+        "ln_1": {"scale": jnp.ones(D)}, "attn": attn, "ln_2": {"scale": jnp.ones(D)},
+        "mlp": {"c_fc": {"w": normal((D, F), std), "b": jnp.zeros(F)},
+                "c_proj": {"w": normal((F, D), proj_std), "b": jnp.zeros(D)}}}
+  params = {"wte": normal((V, D), std), "blocks": blocks, "ln_f": {"scale": jnp.ones(D)},
+            "lm_head": {"w": normal((D, V), std)}}
+  if cfg.learned_pos_emb:
+    params["wpe"] = normal((cfg.block_size, D), std)
+  if cfg.enable_bigram_table:
+    # The authors' script initialises the learnable table with rand * 0.02.
+    params["bigram"] = 0.02 * jax.random.uniform(next(keys), (V, V), jnp.float32)
+  return params
+
+
+def abs_topk(x_xC: jax.Array, k: int) -> jax.Array:
+  """Keeps exactly the k largest-|x| entries along the last axis, zeroing the rest.
+
+  The k-th largest |x| is found by bisection over the float32 bit pattern (non-negative
+  floats order like their int32 bits): 31 counting passes, much faster on CPU than
+  `lax.top_k`. Ties at the threshold keep the lowest indices, so exactly k survive.
+  Gradients flow to the kept entries only.
+  """
+  width = x_xC.shape[-1]
+  if k >= width:
+    return x_xC
+  bits_xC = jax.lax.bitcast_convert_type(jnp.abs(jax.lax.stop_gradient(x_xC)), jnp.int32)
+  thresh_x1 = kth_largest_bits(bits_xC, k)
+  above_xC = bits_xC > thresh_x1
+  at_xC = bits_xC == thresh_x1
+  room_x1 = k - jnp.sum(above_xC, axis=-1, keepdims=True)
+  keep_xC = above_xC | (at_xC & (jnp.cumsum(at_xC, axis=-1) <= room_x1))
+  return jnp.where(keep_xC, x_xC, 0.0)
+
+
+def kth_largest_bits(bits_xC: jax.Array, k: jax.Array | int) -> jax.Array:
+  """Largest t with count(bits >= t) >= k along the last axis (bits are non-negative int32).
+
+  k may be traced (an int32 scalar or broadcastable array); returns shape [..., 1].
+  """
+  lo = jnp.zeros(bits_xC.shape[:-1] + (1,), jnp.int32)  # count(bits >= lo) >= k holds
+  hi = jnp.full_like(lo, jnp.iinfo(jnp.int32).max)  # treated as exclusive
+
+  def body(_, lo_hi):
+    lo, hi = lo_hi
+    mid = lo + (hi - lo) // 2
+    ok = jnp.sum(bits_xC >= mid, axis=-1, keepdims=True, dtype=jnp.int32) >= k
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, 31, body, (lo, hi))
+  return lo
+
+
+def rms_norm(x_xD: jax.Array, scale_D: jax.Array) -> jax.Array:
+  eps = jnp.finfo(x_xD.dtype).eps  # torch.nn.RMSNorm's default
+  return x_xD * jax.lax.rsqrt(jnp.mean(x_xD**2, axis=-1, keepdims=True) + eps) * scale_D
+
+
+class _Sites:
+  """Applies AbsTopK, ablation and capture at each location, in one place."""
+
+  def __init__(self, cfg: ModelConfig, ablation: Ablation | None, capture):
+    self.cfg, self.ablation = cfg, ablation or {}
+    self.capture = set(capture)
+    self.acts: dict[str, jax.Array] = {}
+
+  def topk(self, loctype: str, x: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    if cfg.afrac is None or loctype not in cfg.afrac_loctypes:
+      return x
+    return abs_topk(x, int(cfg.afrac * x.shape[-1]))
+
+  def node(self, name: str, x: jax.Array) -> jax.Array:
+    if name in self.ablation:
+      m, mean = self.ablation[name]
+      # Written as m*x + (1-m)*mean (= mean + m*(x - mean)) so that m == 1 gives x bitwise.
+      x = m * x + (1.0 - m) * mean
+    if name in self.capture:
+      self.acts[name] = x
+    return x
+
+
+def _attention(p: Params, x_BxLxD: jax.Array, cfg: ModelConfig, s: _Sites, i: int):
+  B, L, _ = x_BxLxD.shape
+  H, K, A = cfg.n_head, cfg.d_head, cfg.d_attn
+  x_BxLxD = s.node(f"{i}.attn.act_in", s.topk("attn_in", rms_norm(x_BxLxD, p["ln_1"]["scale"])))
+  qkv_BxLx3A = x_BxLxD @ p["attn"]["c_attn"]["w"] + p["attn"]["c_attn"]["b"]
+  q_BxLxA, k_BxLxA, v_BxLxA = jnp.split(qkv_BxLx3A, 3, axis=-1)
+  q_BxLxA = s.node(f"{i}.attn.q", s.topk("attn_q", q_BxLxA))
+  k_BxLxA = s.node(f"{i}.attn.k", s.topk("attn_k", k_BxLxA))
+  v_BxLxA = s.node(f"{i}.attn.v", s.topk("attn_v", v_BxLxA))
+  q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (t.reshape(B, L, H, K) for t in (q_BxLxA, k_BxLxA, v_BxLxA))
+  att_BxHxLxL = jnp.einsum("blhk,bmhk->bhlm", q_BxLxHxK, k_BxLxHxK) / math.sqrt(K)
+  causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+  att_BxHxLxL = jnp.where(causal_LxL, att_BxHxLxL, -jnp.inf)
+  if cfg.sink:
+    # The sink is an always-visible key with k=0, v=0 and a learned logit: it only adds
+    # exp(sink_h) to the softmax denominator (authors' SDPAWithSink).
+    sink_BxHxLx1 = jnp.broadcast_to(p["attn"]["sink"][None, :, None, None], (B, H, L, 1))
+    probs = jax.nn.softmax(jnp.concatenate([att_BxHxLxL, sink_BxHxLx1], axis=-1), axis=-1)
+    probs_BxHxLxL = probs[..., :L]
+  else:
+    probs_BxHxLxL = jax.nn.softmax(att_BxHxLxL, axis=-1)
+  y_BxLxA = jnp.einsum("bhlm,bmhk->blhk", probs_BxHxLxL, v_BxLxHxK).reshape(B, L, A)
+  out_BxLxD = y_BxLxA @ p["attn"]["c_proj"]["w"] + p["attn"]["c_proj"]["b"]
+  return s.node(f"{i}.attn.resid_delta", s.topk("attn_out", out_BxLxD))
+
+
+def _mlp(p: Params, x_BxLxD: jax.Array, cfg: ModelConfig, s: _Sites, i: int):
+  x_BxLxD = s.node(f"{i}.mlp.act_in", s.topk("mlp_in", rms_norm(x_BxLxD, p["ln_2"]["scale"])))
+  pre_BxLxF = x_BxLxD @ p["mlp"]["c_fc"]["w"] + p["mlp"]["c_fc"]["b"]
+  if cfg.activation_type == "gelu":
+    act_BxLxF = jax.nn.gelu(pre_BxLxF, approximate=False)
+  else:
+    act_BxLxF = jax.nn.relu(pre_BxLxF)
+  act_BxLxF = s.node(f"{i}.mlp.post_act", s.topk("mlp_neuron", act_BxLxF))
+  out_BxLxD = act_BxLxF @ p["mlp"]["c_proj"]["w"] + p["mlp"]["c_proj"]["b"]
+  return s.node(f"{i}.mlp.resid_delta", s.topk("mlp_out", out_BxLxD))
+
+
+def forward(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, *,
+            ablation: Ablation | None = None, capture=()):
+  """Runs the model.
+
+  Args:
+    params: from `init_params`.
+    tokens_BxL: int token ids.
+    cfg: the model config (static under jit).
+    ablation: optional {site: (mask, mean)}; each site becomes mean + mask * (x - mean).
+    capture: site names whose (post-ablation) activations are returned.
+
+  Returns:
+    logits_BxLxV, or (logits_BxLxV, {site: act_BxLxC}) when `capture` is non-empty.
+  """
+  unknown = (set(capture) | set(ablation or {})) - set(node_sites(cfg))
+  if unknown:
+    raise ValueError(f"unknown node site(s) {sorted(unknown)}; sites look like '0.attn.q'")
+  s = _Sites(cfg, ablation, capture)
+  L = tokens_BxL.shape[1]
+  x_BxLxD = params["wte"][tokens_BxL]
+  if cfg.learned_pos_emb:
+    x_BxLxD = x_BxLxD + params["wpe"][:L]
+  for i in range(cfg.n_layer):
+    p = params["blocks"][str(i)]
+    x_BxLxD = x_BxLxD + _attention(p, x_BxLxD, cfg, s, i)
+    x_BxLxD = x_BxLxD + _mlp(p, x_BxLxD, cfg, s, i)
+  x_BxLxD = rms_norm(x_BxLxD, params["ln_f"]["scale"])
+  logits_BxLxV = x_BxLxD @ params["lm_head"]["w"]
+  if cfg.enable_bigram_table:
+    logits_BxLxV = logits_BxLxV + params["bigram"][tokens_BxL]
+  return (logits_BxLxV, s.acts) if capture else logits_BxLxV
+
+
+def next_token_loss(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Mean cross-entropy (nats/token) of predicting tokens[:, 1:] from tokens[:, :-1]."""
+  logits_BxLxV = forward(params, tokens_BxL[:, :-1], cfg)
+  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+  nll_BxL = -jnp.take_along_axis(logp_BxLxV, tokens_BxL[:, 1:, None], axis=-1)[..., 0]
+  return jnp.mean(nll_BxL)
+
+
+def count_params(params: Params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,184 @@
+"""Model tests: shapes, causality, AbsTopK, ablation and capture, config validation."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from sparse_jax import config as config_lib
+from sparse_jax import model as model_lib
+
+
+def _full_cfg(tiny_model_cfg):
+  return dataclasses.replace(tiny_model_cfg, afrac=0.25, sink=True, learned_pos_emb=True)
+
+
+def test_shapes_and_param_paths(tiny_model_cfg):
+  cfg = _full_cfg(tiny_model_cfg)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  tokens_BxL = jnp.zeros((3, 7), jnp.int32)
+  capture = tuple(model_lib.node_sites(cfg))
+  logits, acts = jax.jit(lambda p, t: model_lib.forward(p, t, cfg, capture=capture))(
+      params, tokens_BxL)
+  chex.assert_shape(logits, (3, 7, cfg.vocab_size))
+  for site, width in model_lib.node_sites(cfg).items():
+    chex.assert_shape(acts[site], (3, 7, width))
+  chex.assert_shape(params["blocks"]["1"]["attn"]["c_attn"]["w"], (32, 3 * 32))
+  chex.assert_shape(params["blocks"]["0"]["attn"]["sink"], (2,))
+  chex.assert_shape(params["bigram"], (64, 64))
+  assert len(model_lib.node_sites(cfg)) == 8 * cfg.n_layer
+
+
+def test_init_statistics():
+  cfg = config_lib.ModelConfig(n_layer=4, d_model=128, n_head=8, d_mlp=512, vocab_size=256)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  assert abs(float(jnp.std(params["blocks"]["0"]["mlp"]["c_fc"]["w"])) - 0.02) < 1e-3
+  proj_std = 0.02 / np.sqrt(2 * cfg.n_layer)
+  assert abs(float(jnp.std(params["blocks"]["0"]["mlp"]["c_proj"]["w"])) - proj_std) < 1e-3
+  assert float(jnp.abs(params["blocks"]["0"]["attn"]["c_attn"]["b"]).max()) == 0.0
+
+
+@pytest.mark.parametrize("sink", [False, True])
+def test_causality(tiny_model_cfg, sink):
+  """Changing a later token never changes an earlier logit (and does change its own)."""
+  cfg = dataclasses.replace(_full_cfg(tiny_model_cfg), sink=sink)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
+  fwd = jax.jit(lambda t: model_lib.forward(params, t, cfg))
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, cfg.vocab_size)
+  for pos in (0, 5, 11):
+    changed = tokens.at[:, pos].set((tokens[:, pos] + 1) % cfg.vocab_size)
+    a, b = fwd(tokens), fwd(changed)
+    np.testing.assert_array_equal(a[:, :pos], b[:, :pos])
+    assert np.abs(np.asarray(a[:, pos] - b[:, pos])).max() > 0
+
+
+def test_causality_by_gradient(tiny_model_cfg):
+  """d logit[t] / d input embedding[s] is zero for every s > t (and nonzero at s = t)."""
+  cfg = _full_cfg(tiny_model_cfg)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(3))
+  tokens = jnp.arange(8)[None] + 3  # distinct tokens: row t of x_LxD is position t's input
+
+  def logit_sums_L(x_LxD):
+    p = dict(params, wte=params["wte"].at[tokens[0]].set(x_LxD))
+    return model_lib.forward(p, tokens, cfg)[0].sum(-1)
+
+  jac_LxLxD = jax.jit(jax.jacrev(logit_sums_L))(params["wte"][tokens[0]])
+  upper_LxL = np.triu(np.ones((8, 8), bool), k=1)
+  assert float(np.abs(np.asarray(jac_LxLxD)[upper_LxL]).max()) == 0.0
+  assert (np.abs(np.asarray(jac_LxLxD)[np.eye(8, dtype=bool)]).max(-1) > 0).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(1, 5), width=st.integers(1, 40), frac=st.floats(0.01, 1.0),
+       seed=st.integers(0, 2**16), ties=st.booleans())
+def test_abs_topk_keeps_exactly_k(rows, width, frac, seed, ties):
+  k = max(1, int(frac * width))
+  x = np.random.default_rng(seed).normal(size=(rows, width)).astype(np.float32)
+  if ties:  # many equal magnitudes, including exact zeros
+    x = np.round(x).astype(np.float32)
+  out = np.asarray(model_lib.abs_topk(jnp.asarray(x), k))
+  kept = out != 0
+  expect = np.minimum(k, (x != 0).sum(-1))
+  np.testing.assert_array_equal(kept.sum(-1), expect)
+  np.testing.assert_array_equal(out[kept], x[kept])
+  # Every kept |x| is >= every dropped |x| in its row.
+  for r in range(rows):
+    if kept[r].any() and (~kept[r]).any():
+      assert np.abs(x[r][kept[r]]).min() >= np.abs(x[r][~kept[r]]).max()
+
+
+def test_abs_topk_gradient_flows_to_kept_only():
+  x = jnp.array([[3.0, -1.0, 0.5, -4.0]])
+  g = jax.grad(lambda x: jnp.sum(model_lib.abs_topk(x, 2) * jnp.arange(1.0, 5.0)))(x)
+  np.testing.assert_array_equal(g, [[1.0, 0.0, 0.0, 4.0]])
+
+
+def test_all_ones_masks_reproduce_plain_forward_exactly(tiny_model_cfg):
+  cfg = _full_cfg(tiny_model_cfg)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(5))
+  tokens = jax.random.randint(jax.random.PRNGKey(6), (3, 10), 0, cfg.vocab_size)
+  key = jax.random.PRNGKey(7)
+  ablation = {s: (jnp.ones(c), 10.0 * jax.random.normal(jax.random.fold_in(key, i), (c,)))
+              for i, (s, c) in enumerate(model_lib.node_sites(cfg).items())}
+  plain = jax.jit(lambda t: model_lib.forward(params, t, cfg))(tokens)
+  masked = jax.jit(lambda t, a: model_lib.forward(params, t, cfg, ablation=a))(tokens, ablation)
+  np.testing.assert_array_equal(plain, masked)
+
+
+def test_zero_mask_sets_site_to_mean(tiny_model_cfg):
+  cfg = tiny_model_cfg
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(8))
+  tokens = jax.random.randint(jax.random.PRNGKey(9), (2, 6), 0, cfg.vocab_size)
+  mean = jnp.arange(cfg.d_mlp, dtype=jnp.float32)
+  mask = jnp.zeros(cfg.d_mlp).at[3].set(1.0)
+  _, acts = model_lib.forward(params, tokens, cfg, ablation={"1.mlp.post_act": (mask, mean)},
+                              capture=("1.mlp.post_act",))
+  _, clean = model_lib.forward(params, tokens, cfg, capture=("1.mlp.post_act",))
+  got = np.asarray(acts["1.mlp.post_act"])
+  np.testing.assert_array_equal(got[..., 4:], np.broadcast_to(mean[4:], got[..., 4:].shape))
+  np.testing.assert_array_equal(got[..., 3], np.asarray(clean["1.mlp.post_act"])[..., 3])
+
+
+def test_unknown_site_is_an_error(tiny_model_cfg):
+  params = model_lib.init_params(tiny_model_cfg, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="unknown node site"):
+    model_lib.forward(params, jnp.zeros((1, 3), jnp.int32), tiny_model_cfg, capture=("0.attn.y",))
+
+
+def test_bigram_table_adds_row_of_current_token(tiny_model_cfg):
+  cfg = tiny_model_cfg
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  tokens = jnp.array([[5, 9, 2]])
+  bumped = dict(params, bigram=params["bigram"].at[9, 11].add(3.0))
+  diff = model_lib.forward(bumped, tokens, cfg) - model_lib.forward(params, tokens, cfg)
+  np.testing.assert_allclose(diff[0, 1, 11], 3.0, rtol=1e-5)
+  assert float(jnp.abs(diff.at[0, 1, 11].set(0.0)).max()) < 1e-5
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("n_layer", 0, "model.n_layer"),
+    ("d_model", -8, "model.d_model"),
+    ("d_model", 31, "not a multiple of n_head"),
+    ("afrac", 1.5, "model.afrac"),
+    ("afrac", 0.0, "model.afrac"),
+    ("afrac_loctypes", ("attn_in", "resid"), "unknown loctype 'resid'"),
+    ("activation_type", "swish", "model.activation_type"),
+])
+def test_invalid_model_configs(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.ModelConfig(n_head=2, **{field: value})
+
+
+@pytest.mark.parametrize("section,kwargs,match", [
+    (config_lib.SparsityConfig, {"weight_density": 0.0}, "sparsity.weight_density"),
+    (config_lib.SparsityConfig, {"embed_density": 1.2}, "sparsity.embed_density"),
+    (config_lib.SparsityConfig, {"anneal_start_frac": 0.6, "anneal_end_frac": 0.5},
+     "sparsity.anneal_end_frac"),
+    (config_lib.OptimConfig, {"lr": -1.0}, "optim.lr"),
+    (config_lib.TrainConfig, {"batch_size": 0}, "train.batch_size"),
+    (config_lib.CircuitConfig, {"target_loss": 0.0}, "circuit.target_loss"),
+])
+def test_invalid_section_configs(section, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    section(**kwargs)
+
+
+def test_config_json_round_trip_and_overrides():
+  cfg = config_lib.apply_overrides(config_lib.Config(), [
+      "model.d_model=128", "model.afrac=1/8", "model.afrac_loctypes=attn_in,mlp_in",
+      "sparsity.enabled=false", "circuit.k_coef_grid=1e-4,1e-3"])
+  assert cfg.model.d_model == 128 and cfg.model.afrac == 0.125
+  assert cfg.model.afrac_loctypes == ("attn_in", "mlp_in") and not cfg.sparsity.enabled
+  assert config_lib.Config.from_json(cfg.to_json()) == cfg
+  hash(cfg)  # usable as a static jit argument
+  assert config_lib.diff_configs(config_lib.Config(), cfg)[0].startswith("model.d_model: 64 -> 128")
+  with pytest.raises(ValueError, match="model.nope"):
+    config_lib.apply_overrides(cfg, ["model.nope=1"])
+  with pytest.raises(ValueError, match="train.seq_len"):
+    config_lib.apply_overrides(cfg, ["train.seq_len=4096"])
+  with pytest.raises(ValueError, match="unknown config section"):
+    config_lib.Config.from_dict({"modle": {}})

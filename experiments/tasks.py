@@ -1,0 +1,122 @@
+"""Lists and shows the binary next-token tasks, tokenised, so they can be checked by eye.
+
+  python -m experiments.tasks --list [--tokenizer tokenizer.json | --workdir RUN]
+  python -m experiments.tasks --show single_double_quote [-n 3]
+  python -m experiments.tasks --show file:my_task.jsonl
+
+Without --tokenizer or --workdir a 2048-token BPE is trained on a slice of the running
+interpreter's standard library (a few seconds; said on stderr). Availability depends on the
+tokenizer: a task is unavailable when its candidates cannot be resolved to distinct tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import sysconfig
+
+from tokenizers import Tokenizer
+
+from sparse_jax import tasks
+from sparse_jax.data import train_tokenizer
+from sparse_jax.task_generators import TASKS
+
+
+def default_tokenizer(n_files: int = 300, vocab_size: int = 2048) -> Tokenizer:
+  """A BPE trained on every k-th stdlib .py file (about n_files of them)."""
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+  files = files[::max(1, len(files) // n_files)]
+  print(f"no --tokenizer/--workdir: training a {vocab_size}-token BPE on {len(files)} "
+        f"stdlib files under {root}", file=sys.stderr)
+  return train_tokenizer((p.read_text(encoding="utf-8", errors="replace") for p in files),
+                         vocab_size)
+
+
+def get_tokenizer(tokenizer_path: str | None, workdir: str | None) -> Tokenizer:
+  if workdir is not None:
+    tokenizer_path = str(pathlib.Path(workdir) / "tokenizer.json")
+  if tokenizer_path is None:
+    return default_tokenizer()
+  if not pathlib.Path(tokenizer_path).is_file():
+    raise FileNotFoundError(f"no tokenizer file at {tokenizer_path}")
+  return Tokenizer.from_file(tokenizer_path)
+
+
+def _quoted(text: str) -> str:
+  return "\n".join("    | " + line for line in text.split("\n"))
+
+
+def _pieces(tokenizer, ids) -> str:
+  return "[" + ", ".join(repr(tokenizer.decode([i])) for i in ids) + "]"
+
+
+def list_tasks(tokenizer, *, seed: int = 0, n: int = 32, max_len: int = 128) -> str:
+  """One line per built-in task: availability for this tokenizer, candidates, description."""
+  lines = []
+  for name, spec in TASKS.items():
+    try:
+      samples, stats = tasks.sample_task(tokenizer, name, n, seed=seed, max_len=max_len)
+    except tasks.TaskUnavailable as e:
+      lines.append(f"{name:28s} UNAVAILABLE  {e}")
+      continue
+    cands = dict.fromkeys((tokenizer.decode([e.tok]), tokenizer.decode([e.alt]))
+                          for _, e in samples)
+    shown = ", ".join(f"{t!r}/{a!r}" for t, a in list(cands)[:2])
+    more = f" (+{len(cands) - 2} more)" if len(cands) > 2 else ""
+    rejected = sum(stats["rejected"].values())
+    lines.append(f"{name:28s} ok  {shown}{more}; {rejected} of {stats['attempts']} samples "
+                 f"rejected\n{'':30s}{spec.description}")
+  return "\n".join(lines)
+
+
+def show_task(tokenizer, name: str, *, n: int = 3, seed: int = 0, max_len: int = 128) -> str:
+  """n examples of a task (or file:PATH): both prompts, their last tokens and the candidates."""
+  if name.startswith("file:"):
+    samples = tasks.load_task_file(name[len("file:"):], tokenizer, max_len=max_len)[:n]
+    header = f"{name}: user task file"
+  elif name in TASKS:
+    samples, _ = tasks.sample_task(tokenizer, name, n, seed=seed, max_len=max_len)
+    header = f"{name}: {TASKS[name].description}"
+  else:
+    raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)} or file:PATH")
+  out = [header]
+  for k, (pair, enc) in enumerate(samples, 1):
+    out.append(f"\n[{k}] A (should continue with tok):")
+    out.append(_quoted(pair.prompt_a))
+    out.append("    B (should continue with alt):")
+    out.append(_quoted(pair.prompt_b))
+    out.append(f"    A last tokens: {_pieces(tokenizer, enc.seq_a[-8:])}")
+    out.append(f"    B last tokens: {_pieces(tokenizer, enc.seq_b[-8:])}")
+    out.append(f"    tok {pair.tok!r} -> {tokenizer.decode([enc.tok])!r} (id {enc.tok});  "
+               f"alt {pair.alt!r} -> {tokenizer.decode([enc.alt])!r} (id {enc.alt})")
+  return "\n".join(out)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  what = parser.add_mutually_exclusive_group(required=True)
+  what.add_argument("--list", action="store_true", help="list tasks and their availability")
+  what.add_argument("--show", metavar="NAME", help="show examples of a task or file:PATH")
+  parser.add_argument("-n", type=int, default=3, help="examples to show (default 3)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--max-len", type=int, default=128, help="longest sequence in tokens")
+  where = parser.add_mutually_exclusive_group()
+  where.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json file")
+  where.add_argument("--workdir", metavar="RUN", help="a training run dir with tokenizer.json")
+  args = parser.parse_args(argv)
+  try:
+    tokenizer = get_tokenizer(args.tokenizer, args.workdir)
+    if args.list:
+      print(list_tasks(tokenizer, seed=args.seed, max_len=args.max_len))
+    else:
+      print(show_task(tokenizer, args.show, n=args.n, seed=args.seed, max_len=args.max_len))
+  except (ValueError, OSError) as e:  # TaskFileError and TaskUnavailable are ValueErrors
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -140,13 +140,13 @@ class OptimConfig:
 class DataConfig:
   """Where the tokens come from."""
 
-  corpus: str = "stdlib"  # "stdlib", a directory of .py files, a .jsonl or a text file
+  corpus: str = "stdlib"  # "stdlib", "simple" (generated), a .py directory, a .jsonl or text file
   text_field: str = "text"  # field read from each .jsonl line
   # Extra sources mixed in, as "path_or_name:weight" strings, e.g. "simple:0.5" adds the
   # generated everyday-Python corpus (issue 6) so that it makes up half the token stream.
   mixture: tuple[str, ...] = ()
   val_frac: float = 0.02  # fraction of files (by stable path hash) held out for validation
-  max_files: int | None = None  # cap on corpus files (after sorting), for quick runs
+  max_files: int | None = None  # cap on documents per source (first N sorted), for quick runs
   cache_dir: str | None = None  # tokenizer/token cache; default ~/.cache/sparse_jax
 
   def __post_init__(self):
@@ -174,13 +174,15 @@ class TrainConfig:
   ckpt_every: int = 500  # periodic checkpoint every N steps
   max_to_keep: int = 2  # periodic checkpoints kept (log-spaced ones are never deleted)
   n_log_ckpts: int = 0  # number of log-spaced checkpoints kept forever (training dynamics)
+  task_eval_pairs: int = 16  # held-out pairs per task evaluated at each validation; 0 = off
 
   def __post_init__(self):
     _positive_int("train", self, "steps", "batch_size", "seq_len", "eval_every",
                   "eval_batches", "log_every", "ckpt_every", "max_to_keep")
-    if isinstance(self.n_log_ckpts, bool) or not isinstance(self.n_log_ckpts, int) \
-        or self.n_log_ckpts < 0:
-      _fail("train.n_log_ckpts", f"must be an integer >= 0, got {self.n_log_ckpts!r}")
+    for name in ("n_log_ckpts", "task_eval_pairs"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        _fail(f"train.{name}", f"must be an integer >= 0, got {value!r}")
     if not isinstance(self.seed, int):
       _fail("train.seed", f"must be an integer, got {self.seed!r}")
 

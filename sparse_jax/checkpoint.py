@@ -128,7 +128,9 @@ def load_params(workdir: str | Path, step: int | None = None) -> tuple[Config, A
   for s in candidates:
     try:
       restored = manager.restore(s, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(partial_restore=True, item={"params": abstract})))
+          state=ocp.args.PyTreeRestore(
+              item={"params": abstract}, partial_restore=True,
+              restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract)})))
       params = restored["state"]["params"]
       _check_finite(params, s)
       return cfg, params, s

@@ -1,0 +1,113 @@
+"""Plots, offline, with matplotlib's Agg backend: the circuit graph (PAPER.md §4, Figs 4-5).
+
+`plot_circuit(circuit, path)` draws one `circuits.Circuit`: layers bottom to top, one row
+per node site that keeps any node (q, k and v share a row, grouped by head), each node a
+box labelled with its channel id (`r` residual read, `q`/`k`/`v` with their head, `n`
+neuron, `w` residual write). Weight edges are lines coloured by sign (blue positive, red
+negative) and as thick as |weight|; q-k pairs are grey arcs; identity connections through
+the residual stream are faint dotted lines. At most `max_edges` weight edges are drawn
+(the largest |weight|), and the title says so when some are left out.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+from matplotlib.lines import Line2D  # pylint: disable=wrong-import-position
+
+from sparse_jax.edges import residual_edges  # pylint: disable=wrong-import-position
+
+# Rows within a layer, bottom to top, and what each node is called and coloured.
+_ROWS = (("attn.act_in",), ("attn.q", "attn.k", "attn.v"), ("attn.resid_delta",),
+         ("mlp.act_in",), ("mlp.post_act",), ("mlp.resid_delta",))
+_PREFIX = {"attn.act_in": "r", "attn.q": "q", "attn.k": "k", "attn.v": "v",
+           "attn.resid_delta": "w", "mlp.act_in": "r", "mlp.post_act": "n",
+           "mlp.resid_delta": "w"}
+_FACE = {"r": "#d9f0d3", "q": "#fde0c5", "k": "#fde0c5", "v": "#fdd0a2", "n": "#e7d4e8",
+         "w": "#c6dbef"}
+
+
+def _layout(nodes: dict[str, list[int]], d_head: int | None):
+  """Node positions {(site, ch): (x, y)}, labels, and the row labels [(y, text)]."""
+  layers = sorted({int(site.split(".", 1)[0]) for site in nodes})
+  pos, labels, rows = {}, {}, []
+  for layer in range(max(layers, default=-1) + 1):
+    for kinds in _ROWS:
+      items = [(f"{layer}.{kind}", ch) for kind in kinds for ch in nodes.get(f"{layer}.{kind}", ())]
+      if not items:
+        continue
+      if len(kinds) > 1 and d_head:  # q, k, v of a head side by side
+        items.sort(key=lambda it: (it[1] // d_head, kinds.index(it[0].split(".", 1)[1]), it[1]))
+      y = len(rows)
+      rows.append((y, f"{layer}.{kinds[0].split('.')[0]}." +
+                   "/".join(k.split(".")[1] for k in kinds)))
+      for j, (site, ch) in enumerate(items):
+        pos[site, ch] = (j - (len(items) - 1) / 2, y)
+        head = f" h{ch // d_head}" if len(kinds) > 1 and d_head else ""
+        labels[site, ch] = f"{_PREFIX[site.split('.', 1)[1]]}{ch}{head}"
+  return pos, labels, rows
+
+
+def plot_circuit(circuit, path: str, *, max_edges: int = 300) -> None:
+  """Draws a circuit graph to a PNG.
+
+  Args:
+    circuit: a `circuits.Circuit` (or one read back with `Circuit.from_json`).
+    path: output .png path.
+    max_edges: most weight edges drawn, largest |weight| first.
+  """
+  nodes = {site: list(ids) for site, ids in circuit.nodes.items()}
+  pos, labels, rows = _layout(nodes, circuit.search.get("d_head"))
+  widest = max((sum(1 for p in pos.values() if p[1] == y) for y, _ in rows), default=1)
+  fig, ax = plt.subplots(figsize=(min(4 + 0.75 * widest, 40), 2 + 0.8 * max(len(rows), 1)))
+  ax.set_axis_off()
+  if not circuit.solvable:
+    ax.text(0.5, 0.5, f"{circuit.task}: unsolvable\n{circuit.reason}", ha="center",
+            va="center", wrap=True, transform=ax.transAxes)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return
+  head = (f"{circuit.task}: {circuit.n_nodes} nodes, {circuit.edges['total']} edges, held-out "
+          f"loss {circuit.loss_before:.3g} (calibrated {circuit.loss_after:.3g}), target "
+          f"{circuit.target}")
+  # The edge list is sorted by |weight| (and may be truncated in JSON): draw its head.
+  drawn = [e for e in circuit.edge_list if e[0] != "attn.qk"][:max_edges]
+  n_weighted = circuit.edges["total"] - circuit.edges["attn.qk"]
+  resid = residual_edges(nodes, n_layer=1 + max((int(s.split(".")[0]) for s in nodes), default=0))
+  if len(drawn) < n_weighted or len(resid) > max_edges:
+    head += (f"\nshowing the {len(drawn)} largest-|w| of {n_weighted} weight edges and "
+             f"{min(len(resid), max_edges)} of {len(resid)} residual-stream connections")
+  w_max = max((abs(e[5]) for e in drawn), default=1.0) or 1.0
+
+  def line(a, b, rad=0.0, **style):
+    ax.annotate("", xy=pos[b], xytext=pos[a], zorder=1,
+                arrowprops=dict(arrowstyle="-", shrinkA=9, shrinkB=9,
+                                connectionstyle=f"arc3,rad={rad}", **style))
+
+  for write, read, ch in resid[:max_edges]:
+    line((write, ch), (read, ch), rad=0.15, color="0.6", lw=0.6, ls=":")
+  for kind, src, s_ch, dst, d_ch, _ in circuit.edge_list:
+    if kind == "attn.qk":
+      line((src, s_ch), (dst, d_ch), rad=-0.5, color="0.45", lw=1.0)
+  for _, src, s_ch, dst, d_ch, w in drawn:
+    line((src, s_ch), (dst, d_ch), color="#2166ac" if w > 0 else "#b2182b",
+         lw=0.4 + 2.6 * abs(w) / w_max, alpha=0.85)
+  for key, (x, y) in pos.items():
+    ax.text(x, y, labels[key], ha="center", va="center", fontsize=7, zorder=3,
+            bbox=dict(boxstyle="round,pad=0.25", fc=_FACE[labels[key][0]], ec="0.3", lw=0.5))
+  x_lo = min((p[0] for p in pos.values()), default=0) - 1.5
+  for y, text in rows:
+    ax.text(x_lo, y, text, ha="right", va="center", fontsize=8, family="monospace")
+  ax.set_xlim(x_lo - 2.5, -x_lo + 0.5)
+  ax.set_ylim(-0.7, len(rows) - 0.3)
+  ax.set_title(head, fontsize=9)
+  ax.legend(handles=[Line2D([], [], color="#2166ac", label="weight > 0"),
+                     Line2D([], [], color="#b2182b", label="weight < 0"),
+                     Line2D([], [], color="0.45", label="q-k pair"),
+                     Line2D([], [], color="0.6", ls=":", label="residual stream")],
+            loc="upper right", fontsize=7, frameon=False)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -190,7 +190,7 @@ def _mlp(p: Params, x_BxLxD: jax.Array, cfg: ModelConfig, s: _Sites, i: int):
 
 
 def forward(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, *,
-            ablation: Ablation | None = None, capture=()):
+            ablation: Ablation | None = None, capture=(), positions_B: jax.Array | None = None):
   """Runs the model.
 
   Args:
@@ -199,9 +199,11 @@ def forward(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, *,
     cfg: the model config (static under jit).
     ablation: optional {site: (mask, mean)}; each site becomes mean + mask * (x - mean).
     capture: site names whose (post-ablation) activations are returned.
+    positions_B: if given, unembed only position positions_B[b] of each sequence and return
+      logits_BxV (task losses read one position; this skips the [B, L, V] logits).
 
   Returns:
-    logits_BxLxV, or (logits_BxLxV, {site: act_BxLxC}) when `capture` is non-empty.
+    logits_BxLxV (or logits_BxV), plus {site: act_BxLxC} when `capture` is non-empty.
   """
   unknown = (set(capture) | set(ablation or {})) - set(node_sites(cfg))
   if unknown:
@@ -215,6 +217,9 @@ def forward(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, *,
     p = params["blocks"][str(i)]
     x_BxLxD = x_BxLxD + _attention(p, x_BxLxD, cfg, s, i)
     x_BxLxD = x_BxLxD + _mlp(p, x_BxLxD, cfg, s, i)
+  if positions_B is not None:  # from here on "L" is the single position read
+    rows_B = jnp.arange(tokens_BxL.shape[0])
+    x_BxLxD, tokens_BxL = x_BxLxD[rows_B, positions_B], tokens_BxL[rows_B, positions_B]
   x_BxLxD = rms_norm(x_BxLxD, params["ln_f"]["scale"])
   logits_BxLxV = x_BxLxD @ params["lm_head"]["w"]
   if cfg.enable_bigram_table:

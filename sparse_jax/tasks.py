@@ -69,14 +69,6 @@ class TaskSet:
   unavailable: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> reason
 
 
-def logit_diff(logits_SxLxV: jax.Array, last_S: jax.Array, tok_S: jax.Array,
-               alt_S: jax.Array) -> jax.Array:
-  """logit[tok] - logit[alt] at each sequence's last real position: d_S."""
-  at_last_SxV = jnp.take_along_axis(logits_SxLxV, last_S[:, None, None], axis=1)[:, 0]
-  pick = lambda ids_S: jnp.take_along_axis(at_last_SxV, ids_S[:, None], axis=1)[:, 0]
-  return pick(tok_S) - pick(alt_S)
-
-
 def contrast_loss(d_Px2: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(loss, accuracy), both per-sequence means, from tok-minus-alt logit differences.
 
@@ -92,11 +84,13 @@ def contrast_loss(d_Px2: jax.Array) -> tuple[jax.Array, jax.Array]:
 def pair_logit_diff(params, cfg: ModelConfig, arrays: TaskArrays, *, ablation=None):
   """d_Px2 for one task's pairs (optionally with node ablation)."""
   P, _, L = arrays.tokens_Px2xL.shape
-  logits_SxLxV = model_lib.forward(params, arrays.tokens_Px2xL.reshape(P * 2, L), cfg,
-                                   ablation=ablation)
-  tok_S = jnp.repeat(arrays.tok_P, 2)
-  alt_S = jnp.repeat(arrays.alt_P, 2)
-  return logit_diff(logits_SxLxV, arrays.last_Px2.reshape(-1), tok_S, alt_S).reshape(P, 2)
+  # Unembed only each sequence's last real position: the rest of the logits are never read.
+  logits_SxV = model_lib.forward(params, arrays.tokens_Px2xL.reshape(P * 2, L), cfg,
+                                 ablation=ablation, positions_B=arrays.last_Px2.reshape(-1))
+  tok_S, alt_S = jnp.repeat(arrays.tok_P, 2)[:, None], jnp.repeat(arrays.alt_P, 2)[:, None]
+  d_S = (jnp.take_along_axis(logits_SxV, tok_S, axis=1)
+         - jnp.take_along_axis(logits_SxV, alt_S, axis=1))[:, 0]
+  return d_S.reshape(P, 2)
 
 
 def task_metrics(params, cfg: ModelConfig, arrays: TaskArrays, *, ablation=None):

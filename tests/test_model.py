@@ -123,6 +123,17 @@ def test_zero_mask_sets_site_to_mean(tiny_model_cfg):
   np.testing.assert_array_equal(got[..., 3], np.asarray(clean["1.mlp.post_act"])[..., 3])
 
 
+def test_positions_unembed_only_the_requested_positions(tiny_model_cfg):
+  cfg = _full_cfg(tiny_model_cfg)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(10))
+  tokens = jax.random.randint(jax.random.PRNGKey(11), (3, 9), 0, cfg.vocab_size)
+  positions_B = jnp.array([8, 0, 4])
+  full = model_lib.forward(params, tokens, cfg)
+  picked = model_lib.forward(params, tokens, cfg, positions_B=positions_B)
+  chex.assert_shape(picked, (3, cfg.vocab_size))
+  np.testing.assert_allclose(picked, full[jnp.arange(3), positions_B], rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_site_is_an_error(tiny_model_cfg):
   params = model_lib.init_params(tiny_model_cfg, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="unknown node site"):

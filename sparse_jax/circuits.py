@@ -238,8 +238,7 @@ def _check_taskset(taskset: TaskSet, cfg: ModelConfig) -> None:
 
 
 def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg: CircuitConfig,
-                  *, progress: bool = True, candidates: int = 8,
-                  max_seqs: int = 1024) -> list[Circuit]:
+                  *, progress: bool = True) -> list[Circuit]:
   """Finds one circuit per task of `taskset`, all tasks at once (module docstring).
 
   Args:
@@ -248,10 +247,10 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
     taskset: tasks with train pairs (mask training, calibration) and held-out pairs
       (bisection target, reported losses, checks).
     means: {site: mean_C} from `masks.compute_means` over pretraining batches.
-    circuit_cfg: search settings; `k_coef_grid`, if set, is searched for every task.
+    circuit_cfg: search settings; `k_coef_grid`, if set, is searched for every task;
+      `bisect_candidates` k values are evaluated per task per bisection round, in calls of
+      at most `eval_max_seqs` sequences.
     progress: show a progress bar while training masks.
-    candidates: k values evaluated per task per bisection round.
-    max_seqs: sequences per batched evaluation call (bounds memory).
 
   Returns:
     A `Circuit` per task, in `taskset.names` order.
@@ -260,8 +259,8 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
   masks.check_means(means, cfg)
   _check_taskset(taskset, cfg)
   T, N, target = len(taskset.names), masks.n_nodes(cfg), ccfg.target_loss
-  settings = {**dataclasses.asdict(ccfg), "candidates": candidates}
-  ev = _Evaluator(params, cfg, taskset, means, max_seqs)
+  settings = dataclasses.asdict(ccfg)
+  ev = _Evaluator(params, cfg, taskset, means, ccfg.eval_max_seqs)
 
   ev.set_ranks(np.zeros((T, N)), np.arange(T))  # k = N keeps all, k = 0 none
   loss_full, _ = ev.loss("heldout", np.arange(T), np.full(T, N))
@@ -273,7 +272,10 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
       c.reason = (f"the unablated model's held-out loss {c.loss_full:.4f} is above the "
                   f"target {target}")
       logging.warning("task %s unsolvable: %s", c.task, c.reason)
-  solv_S = np.flatnonzero(loss_full <= target)
+  # Tasks are searched if the full model meets the loosest target (extra_targets give the
+  # circuit-size-vs-target curve of PAPER.md Fig 2 from the same trained masks).
+  targets = sorted({target, *ccfg.extra_targets})
+  solv_S = np.flatnonzero(loss_full <= targets[-1])
   if not solv_S.size:
     return out
 
@@ -284,17 +286,40 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
   ids_S = [zlib.crc32(taskset.names[t].encode()) & 0x7FFFFFFF for t in solv_S]
   tau_SxGxN, train_metrics = masks.train_masks(params, cfg, train_S, means, ccfg, grid_G,
                                                task_ids=ids_S, progress=progress)
-  task_U = np.repeat(solv_S, G)  # unit u = (solvable task u // G, grid value u % G)
+  task_U = np.repeat(solv_S, G)  # unit u = (searched task u // G, grid value u % G)
   rank_UxN = rank_nodes(tau_SxGxN.reshape(-1, N))
   ev.set_ranks(rank_UxN, task_U)
-  k_U, loss_U = bisect_k(lambda u, k: ev.loss("heldout", u, k)[0], N, loss_empty[task_U],
-                         target, candidates)
   np_params = jax.device_get(params)
-  nodes_U = [masks.nodes_from_keep(rank_UxN[u] < k_U[u], cfg) for u in range(len(task_U))]
-  edges_U = [edges_lib.count_edges(nodes, np_params, cfg) for nodes in nodes_U]
-  best_S = [min(range(s * G, s * G + G),
+  by_target = {}  # target -> (k_U, loss_U, nodes_U, edges_U) over the units that can meet it
+  for t in targets:
+    units = np.flatnonzero(loss_full[task_U] <= t)
+    k_U, loss_U = bisect_k(lambda u, k: ev.loss("heldout", units[u], k)[0], N,
+                           loss_empty[task_U[units]], t, ccfg.bisect_candidates)
+    nodes_U = [masks.nodes_from_keep(rank_UxN[u] < k, cfg) for u, k in zip(units, k_U)]
+    edges_U = [edges_lib.count_edges(nodes, np_params, cfg) for nodes in nodes_U]
+    by_target[t] = dict(zip(units, zip(k_U, loss_U, nodes_U, edges_U)))
+  for s, task in enumerate(solv_S):
+    curve = []
+    for t in targets:
+      found = [(by_target[t][u][3]["total"], by_target[t][u][0], by_target[t][u][1], u)
+               for u in range(s * G, s * G + G) if u in by_target[t]]
+      if found:
+        e, k, loss, _ = min(found)
+        curve.append({"target": t, "n_nodes": int(k), "edges": int(e), "loss": float(loss)})
+    out[task].search["by_target"] = curve
+  solv_S = np.flatnonzero(loss_full <= target)
+  if not solv_S.size:
+    return out
+  primary = by_target[target]
+  k_U = np.zeros(len(task_U), np.int64)
+  loss_U = np.full(len(task_U), np.nan)
+  nodes_U, edges_U = [None] * len(task_U), [None] * len(task_U)
+  for u, (k, loss, nodes, edges) in primary.items():
+    k_U[u], loss_U[u], nodes_U[u], edges_U[u] = k, loss, nodes, edges
+  first_U = {task: i * G for i, task in enumerate(np.unique(task_U))}
+  best_S = [min(range(first_U[task], first_U[task] + G),
                 key=lambda u: (edges_U[u]["total"], k_U[u], loss_U[u], u))
-            for s in range(len(solv_S))]
+            for task in solv_S]
 
   # Calibration and checks for the chosen circuits.
   k_S = k_U[best_S]
@@ -304,8 +329,9 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
   loss_b, acc_b = _losses_accs(jnp.asarray(d_held))
   loss_a, acc_a = _losses_accs(ab_Sx2[:, :1, None] * d_held + ab_Sx2[:, 1:, None])
   loss_n, acc_n = ev.loss("heldout", best_S, k_S, np.ones(len(best_S), bool))
+  searched_S = np.unique(task_U)
   for s, u in enumerate(best_S):
-    c, g = out[solv_S[s]], u % G
+    c, g, row = out[solv_S[s]], u % G, int(np.flatnonzero(searched_S == solv_S[s])[0])
     c.k_coef, c.n_nodes, c.nodes, c.edges = grid_G[g], int(k_U[u]), nodes_U[u], edges_U[u]
     c.loss_before, c.loss_after = float(loss_b[s]), float(loss_a[s])
     c.logit_scale, c.logit_shift = float(ab_Sx2[s, 0]), float(ab_Sx2[s, 1])
@@ -313,13 +339,13 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
                      "loss_calibrated": float(loss_a[s]), "acc_calibrated": float(acc_a[s]),
                      "meets_target": bool(loss_b[s] <= target)}
     c.necessity = {"loss": float(loss_n[s]), "acc": float(acc_n[s])}
-    c.search = {
+    c.search.update({
         "n_nodes_total": N, "d_head": cfg.d_head,
-        "train_final_loss": float(train_metrics["loss"][s, g]),
-        "train_final_kept": int(train_metrics["kept"][s, g]),
-        "grid": [{"k_coef": grid_G[j], "n_nodes": int(k_U[s * G + j]),
-                  "edges": edges_U[s * G + j]["total"], "loss": float(loss_U[s * G + j])}
-                 for j in range(G)]}
+        "train_final_loss": float(train_metrics["loss"][row, g]),
+        "train_final_kept": int(train_metrics["kept"][row, g]),
+        "grid": [{"k_coef": grid_G[j], "n_nodes": int(k_U[row * G + j]),
+                  "edges": edges_U[row * G + j]["total"], "loss": float(loss_U[row * G + j])}
+                 for j in range(G)]})
     c.edge_list = edges_lib.list_edges(c.nodes, np_params, cfg)
   return out
 

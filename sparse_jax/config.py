@@ -203,8 +203,13 @@ class CircuitConfig:
   steps: int = 500  # mask-training steps
   batch_size: int = 32  # task pairs per step
   target_loss: float = 0.15  # held-out task loss the discretised circuit must reach
+  extra_targets: tuple[float, ...] = ()  # also bisect at these (circuit size vs target curve)
   lbfgs_steps: int = 16  # logit scale+shift calibration steps
   mean_batches: int = 8  # pretraining batches averaged for the mean-ablation values
+  n_train_pairs: int = 256  # pairs per task for mask training and calibration
+  n_heldout_pairs: int = 64  # pairs per task for the bisection target, losses and checks
+  bisect_candidates: int = 8  # k values evaluated per task per bisection round
+  eval_max_seqs: int = 1024  # sequences per batched evaluation call (bounds memory)
   seed: int = 0
 
   def __post_init__(self):
@@ -213,10 +218,15 @@ class CircuitConfig:
       if not isinstance(value, (int, float)) or not value > 0:
         _fail(f"circuit.{name}", f"must be > 0, got {value!r}")
     object.__setattr__(self, "k_coef_grid", tuple(self.k_coef_grid))
+    object.__setattr__(self, "extra_targets", tuple(self.extra_targets))
+    for value in self.extra_targets:
+      if not isinstance(value, (int, float)) or not value > 0:
+        _fail("circuit.extra_targets", f"must be > 0, got {value!r}")
     for value in (self.k_coef, *self.k_coef_grid):
       if not isinstance(value, (int, float)) or value < 0:
         _fail("circuit.k_coef", f"must be >= 0, got {value!r}")
-    _positive_int("circuit", self, "steps", "batch_size", "mean_batches")
+    _positive_int("circuit", self, "steps", "batch_size", "mean_batches", "n_train_pairs",
+                  "n_heldout_pairs", "bisect_candidates", "eval_max_seqs")
     _fraction("circuit", "warmup_frac", self.warmup_frac, allow_zero=True)
     if not 0 <= self.b2 < 1:
       _fail("circuit.b2", f"must be in [0, 1), got {self.b2!r}")

@@ -128,6 +128,18 @@ def test_planted_circuit_is_recovered(planted_result):
   assert c.search["grid"][0]["n_nodes"] == 11
 
 
+def test_extra_targets_give_a_size_curve():
+  """Looser targets need no more nodes; the primary target's entry is the circuit itself."""
+  ccfg = dataclasses.replace(FAST, extra_targets=(2.0, 0.01))
+  c, = [c for c in run_planted(ccfg) if c.task == "planted"]
+  curve = c.search["by_target"]
+  assert [p["target"] for p in curve] == [0.01, ccfg.target_loss, 2.0]
+  assert curve[1]["n_nodes"] == c.n_nodes and curve[1]["edges"] == c.edges["total"]
+  assert curve[0]["n_nodes"] >= curve[1]["n_nodes"] >= curve[2]["n_nodes"]
+  assert curve[2]["n_nodes"] == 0  # loss 2.0 is met with every node ablated
+  assert all(p["loss"] <= p["target"] for p in curve)
+
+
 def test_circuit_meets_target_on_heldout_pairs(planted_result):
   """Recomputed independently: keep the circuit's nodes, mean-ablate the rest."""
   c, = [c for c in planted_result if c.task == "planted"]

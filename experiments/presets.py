@@ -1,15 +1,18 @@
 """Named experiment configs: `tiny` (tests, < 1 min), `cpu` (laptop default), `paper` (accelerators).
 
-`get_config(name)` returns a validated `Config`; the CLIs apply `--set section.field=value`
-overrides on top. Sizes for `paper` follow the authors' training script (PAPER.md §2): 8
+`get_config(name)` returns a validated `Config` for one training run and `get_sweep(name)` the
+grid of the scale sweep; the CLIs apply `--set section.field=value` overrides on top. Sizes for `paper` follow the authors' training script (PAPER.md §2): 8
 layers, d_model 256*e with e=4, d_head 16, 1/64 of each weight matrix and 1/16 of the
 embeddings nonzero, AbsTopK keeping 1/4 at all eight locations, 32B tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from sparse_jax.config import (CircuitConfig, Config, DataConfig, ModelConfig, OptimConfig,
                                SparsityConfig, TrainConfig)
+from sparse_jax.sweep import SweepConfig
 
 PRESETS = ("tiny", "cpu", "paper")
 
@@ -46,4 +49,40 @@ def get_config(name: str) -> Config:
         train=TrainConfig(steps=244_140, batch_size=512, seq_len=256, eval_every=1000,
                           eval_batches=16, log_every=50, ckpt_every=5000, n_log_ckpts=16),
         circuit=CircuitConfig(steps=2000, batch_size=64))
+  raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+
+
+def get_sweep(name: str) -> SweepConfig:
+  """The scale sweep of a preset: widths x L0 targets (+ dense) over a base config.
+
+  tiny: a plumbing check (whole sweep in about 3 minutes on 2 cores, used by the end-to-end
+    test); its models learn next to nothing, so its circuit target is a loose 1.0 nats.
+  cpu: the default, a real result on a laptop CPU in about an hour.
+  paper: the paper's depth-8 grid (Fig 3) for accelerators.
+  """
+  if name == "tiny":
+    base = get_config("tiny")
+    base = dataclasses.replace(
+        base, model=dataclasses.replace(base.model, n_layer=1),
+        train=dataclasses.replace(base.train, steps=60, eval_every=60, ckpt_every=60,
+                                  task_eval_pairs=0),
+        circuit=dataclasses.replace(base.circuit, steps=20, batch_size=8, n_train_pairs=32,
+                                    n_heldout_pairs=16, target_loss=1.0,
+                                    extra_targets=(0.8, 1.5)))
+    return SweepConfig(base=base, widths=(32, 48), l0_targets=(6000,))
+  if name == "cpu":
+    base = Config(
+        model=ModelConfig(n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256,
+                          vocab_size=2048, block_size=128),
+        optim=OptimConfig(lr=1e-2),
+        data=DataConfig(mixture=("simple:0.5",)),
+        train=TrainConfig(steps=2000, batch_size=16, seq_len=128, eval_every=500,
+                          eval_batches=8, log_every=25, ckpt_every=500, task_eval_pairs=16),
+        circuit=CircuitConfig(steps=200, batch_size=16, n_train_pairs=128, n_heldout_pairs=64,
+                              extra_targets=(0.05, 0.1, 0.3, 0.5)))
+    return SweepConfig(base=base, widths=(64, 128), l0_targets=(60_000, 120_000))
+  if name == "paper":
+    # Fig 3: total params e^2 x 7.4M for e in 1..16, L0 in {0.9, 1.9, 3.7, 7.4, 14.8}M.
+    return SweepConfig(base=get_config("paper"), widths=(256, 512, 1024, 2048),
+                       l0_targets=(900_000, 1_900_000, 3_700_000), base_width=256)
   raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")

@@ -350,7 +350,8 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
   return out
 
 
-def _safe_name(task: str) -> str:
+def file_stem(task: str) -> str:
+  """A file name for a task (user task files are named "file:PATH")."""
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", task).strip("._") or "task"
 
 
@@ -359,7 +360,7 @@ def save_circuit(circuit: Circuit, out_dir: str) -> tuple[str, str]:
   from sparse_jax import viz  # matplotlib is imported only when plotting
 
   os.makedirs(out_dir, exist_ok=True)
-  base = os.path.join(out_dir, _safe_name(circuit.task))
+  base = os.path.join(out_dir, file_stem(circuit.task))
   with open(base + ".json.tmp", "w") as f:
     f.write(circuit.to_json())
   os.replace(base + ".json.tmp", base + ".json")  # atomic: never a half-written JSON

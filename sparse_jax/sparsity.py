@@ -61,6 +61,7 @@ class LeafSpec:
   """How one parameter is sparsified."""
 
   path: str
+  group: str  # the RULES group: "matrix", "embed", "bias" or "dense"
   shape: tuple[int, ...]
   density: float  # final fraction of nonzeros; 1.0 = dense
   neuron_axis: int | None  # axis of neurons protected by min_per_neuron, if any
@@ -97,7 +98,7 @@ def leaf_specs(params: Any, scfg: SparsityConfig) -> dict[str, LeafSpec]:
     density = {"matrix": scfg.weight_density, "embed": scfg.embed_density,
                "bias": scfg.embed_density, "dense": 1.0}[group]
     sparsified = scfg.enabled and group != "dense"
-    specs[name] = LeafSpec(name, tuple(leaf.shape), density if sparsified else 1.0,
+    specs[name] = LeafSpec(name, group, tuple(leaf.shape), density if sparsified else 1.0,
                            axis if sparsified and scfg.min_per_neuron else None, sparsified)
   return specs
 

@@ -1,4 +1,8 @@
-"""Plots, offline, with matplotlib's Agg backend: the circuit graph (PAPER.md §4, Figs 4-5).
+"""Plots, offline, with matplotlib's Agg backend: circuit graphs and sweep figures.
+
+`plot_frontier(rows, path)` and `plot_size_vs_target(curves, path)` draw the sweep's
+capability-vs-interpretability frontier (PAPER.md Fig 3) and circuit size against target
+task loss for a matched sparse/dense pair (Fig 2).
 
 `plot_circuit(circuit, path)` draws one `circuits.Circuit`: layers bottom to top, one row
 per node site that keeps any node (q, k and v share a row, grouped by head), each node a
@@ -10,6 +14,8 @@ the residual stream are faint dotted lines. At most `max_edges` weight edges are
 """
 
 from __future__ import annotations
+
+import math
 
 import matplotlib
 
@@ -108,6 +114,70 @@ def plot_circuit(circuit, path: str, *, max_edges: int = 300) -> None:
                      Line2D([], [], color="0.45", label="q-k pair"),
                      Line2D([], [], color="0.6", ls=":", label="residual stream")],
             loc="upper right", fontsize=7, frameon=False)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_frontier(rows, path: str, *, n_tasks: int) -> None:
+  """Pretraining loss vs geometric-mean circuit edges: one series per L0, plus dense.
+
+  Args:
+    rows: sweep rows with name, width, l0_target (None = dense), val_loss, geomean_edges.
+    path: PNG to write.
+    n_tasks: number of shared tasks the geometric mean runs over (for the title).
+  """
+  fig, ax = plt.subplots(figsize=(7, 5))
+  series = sorted({r["l0_target"] for r in rows}, key=lambda l0: (l0 is None, l0 or 0))
+  cmap = plt.get_cmap("viridis", max(len(series), 2))
+  for i, l0 in enumerate(series):
+    pts = sorted((r for r in rows if r["l0_target"] == l0 and math.isfinite(r["geomean_edges"])),
+                 key=lambda r: r["width"])
+    if not pts:
+      continue
+    dense = l0 is None
+    ax.plot([r["val_loss"] for r in pts], [r["geomean_edges"] for r in pts],
+            marker="s" if dense else "o", linestyle="--" if dense else "-",
+            color="black" if dense else cmap(i), label="dense" if dense else f"L0 = {l0:,}")
+    for r in pts:
+      ax.annotate(f"d{r['width']}", (r["val_loss"], r["geomean_edges"]), fontsize=8,
+                  textcoords="offset points", xytext=(4, 4))
+  ax.set_yscale("log")
+  ax.set_xlabel("pretraining (validation) loss, nats/token")
+  ax.set_ylabel("circuit size: geometric-mean edges")
+  ax.set_title(f"capability vs interpretability (geometric mean over {n_tasks} shared tasks)\n"
+               "lower left is better", fontsize=10)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_size_vs_target(curves, path: str, *, title: str) -> None:
+  """Circuit size vs target task loss, one line per model.
+
+  Args:
+    curves: {label: [(target, geomean_edges, n_tasks), ...]}.
+    path: PNG to write.
+    title: figure title (say how the models were matched).
+  """
+  fig, ax = plt.subplots(figsize=(7, 5))
+  for (label, points), style in zip(curves.items(), ("o-", "s--", "^-.", "v:")):
+    points = [p for p in points if math.isfinite(p[1])]
+    if not points:
+      continue
+    ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
+    for target, edges, n in points:
+      ax.annotate(f"{n}", (target, edges), fontsize=7, textcoords="offset points",
+                  xytext=(3, -10))
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("target task loss (nats, held-out)")
+  ax.set_ylabel("circuit size: geometric-mean edges (tasks counted at each point)")
+  ax.set_title(title, fontsize=10)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -1,0 +1,177 @@
+"""The main job: capability vs interpretability of sparse and dense models (PAPER.md §6).
+
+  python -m experiments.scale_sweep [--preset cpu] [--out DIR] [--list] [--only I]
+                                    [--collect] [--set section.field=value ...]
+
+Trains every grid point (widths x L0 targets, plus a dense model per width), finds a circuit
+for every task in every model, and writes into --out: results.csv / results.json (a row per
+model), frontier.png (pretraining loss vs geometric-mean circuit edges, Fig 3),
+circuit_size_vs_task_loss.png (a sparse and a dense model matched on pretraining loss,
+Fig 2) and report.md. Each point is an ordinary train + prune workdir under OUT/points/,
+so rerunning skips finished points and finishes partial ones; `--only I` runs one point
+(array jobs, pod slices), `--collect` only aggregates what exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from experiments import presets
+from experiments import prune as prune_lib
+from experiments import sweep_report
+from sparse_jax import checkpoint as ckpt_lib
+from sparse_jax.circuits import file_stem
+from sparse_jax import sparsity
+from sparse_jax import sweep as sweep_lib
+from sparse_jax import train as train_lib
+from sparse_jax.config import apply_overrides
+
+
+def _training_done(workdir: Path, steps: int) -> bool:
+  return (workdir / ckpt_lib.CKPT_DIR / str(steps)).is_dir()
+
+
+def _pruning_done(workdir: Path, circuit_cfg) -> bool:
+  path = workdir / "circuits" / "summary.json"
+  if not path.exists():
+    return False
+  return json.loads(path.read_text())["circuit_config"] == json.loads(
+      json.dumps(dataclasses.asdict(circuit_cfg)))
+
+
+def run_point(point: sweep_lib.Point, out: Path, *, progress: bool = True) -> None:
+  """Trains (or resumes) and prunes one grid point; finished stages are skipped."""
+  workdir = out / "points" / point.name
+  timing_path = workdir / "timing.json"
+  timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+  if not _training_done(workdir, point.config.train.steps):
+    t0 = time.perf_counter()
+    train_lib.train(point.config, workdir, progress=progress)
+    timing["train_s"] = timing.get("train_s", 0.0) + time.perf_counter() - t0
+  else:
+    ckpt_lib.check_or_write_config(workdir, point.config)  # refuses a changed sweep config
+  if not _pruning_done(workdir, point.config.circuit):
+    t0 = time.perf_counter()
+    prune_lib.prune(workdir, progress=progress)
+    timing["prune_s"] = time.perf_counter() - t0
+  ckpt_lib.atomic_write_text(timing_path, json.dumps(timing))
+
+
+def point_row(point: sweep_lib.Point, out: Path) -> dict | None:
+  """The results row of a finished point, or None if it is not finished."""
+  workdir = out / "points" / point.name
+  if not (_training_done(workdir, point.config.train.steps)
+          and _pruning_done(workdir, point.config.circuit)):
+    return None
+  cfg, params, _ = ckpt_lib.load_params(workdir)
+  specs = sparsity.leaf_specs(params, dataclasses.replace(cfg.sparsity, enabled=True))
+  stats = sparsity.l0_stats(params, specs)
+  l0 = sum(v for k, v in stats.items() if k.startswith("sparsity/l0/"))
+  val = [r["val/loss"] for r in train_lib.read_metrics(workdir) if "val/loss" in r]
+  summary = json.loads((workdir / "circuits" / "summary.json").read_text())
+  solved = {t: s for t, s in summary["tasks"].items() if s["solvable"]}
+  curves = {}
+  for task in summary["tasks"]:
+    rec = json.loads((workdir / "circuits" / f"{file_stem(task)}.json").read_text())
+    curves[task] = rec.get("search", {}).get("by_target", [])
+  timing_path = workdir / "timing.json"
+  return {
+      "name": point.name, "width": point.width, "n_layer": cfg.model.n_layer,
+      "l0_target": point.l0_target, "total_params": int(sum(x.size for x in
+                                                            jax.tree.leaves(params))),
+      "sparsifiable_params": int(sum(s.numel for s in specs.values() if s.sparsified)),
+      "l0": int(l0), "weight_density": cfg.sparsity.weight_density if cfg.sparsity.enabled
+      else 1.0, "embed_density": cfg.sparsity.embed_density if cfg.sparsity.enabled else 1.0,
+      "val_loss": val[-1] if val else math.nan, "tasks_available": len(summary["tasks"]),
+      "tasks_solved": len(solved), "task_edges": {t: s["edges"] for t, s in solved.items()},
+      "task_nodes": {t: s["n_nodes"] for t, s in solved.items()},
+      "task_loss_full": {t: s["loss_full"] for t, s in summary["tasks"].items()},
+      "size_vs_target": curves, "unavailable": summary["unavailable"],
+      "timing": json.loads(timing_path.read_text()) if timing_path.exists() else {}}
+
+
+def collect(sweep: sweep_lib.SweepConfig, out: Path, *, command: str) -> dict:
+  """Aggregates every finished point into results.{csv,json}, the plots and report.md."""
+  points = sweep_lib.grid(sweep)
+  rows = [r for r in (point_row(p, out) for p in points) if r is not None]
+  missing = [p.name for p in points if not any(r["name"] == p.name for r in rows)]
+  shared = sweep_lib.add_geomeans(rows)
+  pairs = sweep_lib.matched_pairs(rows)
+  results = {"rows": rows, "shared_tasks": shared, "matched_pairs": pairs,
+             "missing_points": missing}
+  ckpt_lib.atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+  _write_csv(rows, out / "results.csv")
+  sweep_report.write_figures(rows, pairs, shared, out)
+  sweep_report.write_report(sweep, rows, pairs, shared, missing, out, command=command)
+  return results
+
+
+_CSV_FIELDS = ("name", "width", "n_layer", "total_params", "sparsifiable_params", "l0_target",
+               "l0", "weight_density", "embed_density", "val_loss", "tasks_available",
+               "tasks_solved", "geomean_edges", "geomean_tasks")
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+  tasks = sorted({t for r in rows for t in r["task_loss_full"]})
+  with open(path.with_suffix(".csv.tmp"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(list(_CSV_FIELDS) + [f"edges/{t}" for t in tasks])
+    for r in rows:
+      w.writerow([r.get(k) for k in _CSV_FIELDS] + [r["task_edges"].get(t, "") for t in tasks])
+  path.with_suffix(".csv.tmp").replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--preset", default="cpu", choices=presets.PRESETS)
+  parser.add_argument("--out", default=None, help="output directory (default runs/sweep_<preset>)")
+  parser.add_argument("--list", action="store_true", help="print the grid points and exit")
+  parser.add_argument("--only", type=int, default=None, metavar="I", help="run point I only")
+  parser.add_argument("--collect", action="store_true", help="only aggregate finished points")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="SECTION.FIELD=VALUE", help="override the base config")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  out = Path(args.out or f"runs/sweep_{args.preset}")
+  try:
+    sweep = presets.get_sweep(args.preset)
+    sweep = dataclasses.replace(sweep, base=apply_overrides(sweep.base, args.overrides))
+    points = sweep_lib.grid(sweep)
+    if args.list:
+      for i, p in enumerate(points):
+        m, s = p.config.model, p.config.sparsity
+        dens = (f"weight density {s.weight_density:.4f}, embed {s.embed_density:.4f}"
+                if s.enabled else "dense")
+        print(f"{i:3d}  {p.name:24s} d_model={m.d_model} n_layer={m.n_layer} {dens}")
+      return 0
+    if args.only is not None and not 0 <= args.only < len(points):
+      raise ValueError(f"--only {args.only}: the grid has points 0..{len(points) - 1}")
+    if not args.collect:
+      todo = points if args.only is None else [points[args.only]]
+      for i, p in enumerate(todo):
+        logging.info("sweep point %d/%d: %s", i + 1, len(todo), p.name)
+        run_point(p, out, progress=not args.no_progress)
+    command = "python -m experiments.scale_sweep " + " ".join(argv if argv is not None
+                                                               else sys.argv[1:])
+    results = collect(sweep, out, command=command.strip())
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {out}/report.md ({len(results['rows'])} of {len(points)} points finished)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

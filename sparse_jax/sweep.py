@@ -1,0 +1,170 @@
+"""The capability-vs-interpretability sweep: grid points, L0 -> densities, aggregation.
+
+A sweep trains, at a fixed depth, every width in `widths` at every total L0 in `l0_targets`
+(plus one dense model per width), then finds circuits for every task in every model
+(PAPER.md §6, Figs 2-3). This module is pure bookkeeping; `experiments.scale_sweep` runs it.
+
+L0 is the number of nonzero *sparsified* parameters (weight matrices, embeddings,
+unembedding, biases); RMSNorm scales, sink logits and the dense bigram table are not counted,
+as in the paper's L0 values. A target L0 is split as in the authors' script: with
+e = width / base_width, weight matrices keep a fraction rho and embeddings and biases keep
+min(1, e * rho) (the script's pfrac/e^2 and pfrac/e), so nonzeros per matrix stay roughly
+constant as the model widens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from sparse_jax import model as model_lib
+from sparse_jax import sparsity
+from sparse_jax.config import Config, SparsityConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """A grid over widths and L0 targets, all other settings from `base`."""
+
+  base: Config
+  widths: tuple[int, ...]  # d_model values; n_head = width // d_head, d_mlp = 4 * width
+  l0_targets: tuple[int, ...]  # total nonzero sparsified params of each sparse model
+  dense_baseline: bool = True  # one dense model per width
+  base_width: int | None = None  # e = width / base_width; default: the smallest width
+
+  def __post_init__(self):
+    if not self.widths:
+      raise ValueError("sweep.widths: the grid is empty; give at least one width")
+    if not self.l0_targets and not self.dense_baseline:
+      raise ValueError("sweep.l0_targets: the grid is empty; give an L0 target or a dense "
+                       "baseline")
+    for name in ("widths", "l0_targets"):
+      values = getattr(self, name)
+      if len(set(values)) != len(values):
+        dup = sorted(v for v in set(values) if values.count(v) > 1)
+        raise ValueError(f"sweep.{name}: duplicate points {dup}")
+      if any(not isinstance(v, int) or v <= 0 for v in values):
+        raise ValueError(f"sweep.{name}: must be positive integers, got {values}")
+    d_head = self.base.model.d_head
+    bad = [w for w in self.widths if w % d_head]
+    if bad:
+      raise ValueError(f"sweep.widths: {bad} not multiples of model.d_head={d_head}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  name: str  # directory name, e.g. "d128_l0_60000" or "d128_dense"
+  width: int
+  l0_target: int | None  # None: dense
+  config: Config
+
+
+def param_groups(cfg: Config) -> tuple[int, int]:
+  """(weight-matrix params, embedding + unembedding + bias params) that sparsity may prune."""
+  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg.model, jax.random.PRNGKey(0)))
+  specs = sparsity.leaf_specs(abstract, dataclasses.replace(cfg.sparsity, enabled=True))
+  n_mat = sum(s.numel for s in specs.values() if s.sparsified and s.group == "matrix")
+  n_emb = sum(s.numel for s in specs.values() if s.sparsified and s.group != "matrix")
+  return n_mat, n_emb
+
+
+def densities_for_l0(l0: int, n_mat: int, n_emb: int, e: float) -> tuple[float, float]:
+  """(weight_density rho, embed_density min(1, e*rho)) whose total L0 is about l0."""
+  total = lambda rho: rho * n_mat + min(1.0, e * rho) * n_emb
+  if l0 >= n_mat + n_emb:
+    raise ValueError(f"sweep.l0_targets: L0 {l0} is not smaller than the model's "
+                     f"{n_mat + n_emb} sparsifiable params: that model would be dense")
+  lo, hi = 0.0, 1.0
+  for _ in range(60):  # total is increasing in rho: bisect
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if total(mid) < l0 else (lo, mid)
+  return hi, min(1.0, e * hi)
+
+
+def model_at_width(base: Config, width: int) -> Config:
+  d_head = base.model.d_head
+  model = dataclasses.replace(base.model, d_model=width, n_head=width // d_head,
+                              d_mlp=4 * width)
+  return dataclasses.replace(base, model=model)
+
+
+def grid(sweep: SweepConfig) -> list[Point]:
+  """Every point of the sweep, dense baselines first within each width."""
+  base_width = sweep.base_width or min(sweep.widths)
+  points = []
+  for width in sorted(sweep.widths):
+    cfg = model_at_width(sweep.base, width)
+    if sweep.dense_baseline:
+      dense = dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, enabled=False))
+      points.append(Point(f"d{width}_dense", width, None, dense))
+    n_mat, n_emb = param_groups(cfg)
+    for l0 in sorted(sweep.l0_targets):
+      rho, emb = densities_for_l0(l0, n_mat, n_emb, width / base_width)
+      scfg = dataclasses.replace(cfg.sparsity, enabled=True, weight_density=rho,
+                                 embed_density=emb)
+      _warn_if_neuron_minimum_infeasible(cfg, scfg, width, l0)
+      points.append(Point(f"d{width}_l0_{l0}", width, l0,
+                          dataclasses.replace(cfg, sparsity=scfg)))
+  return points
+
+
+def _warn_if_neuron_minimum_infeasible(cfg: Config, scfg: SparsityConfig, width: int, l0: int):
+  m = cfg.model
+  need = scfg.min_per_neuron * max(3 * m.d_attn, m.d_mlp)  # protected entries, widest matrix
+  have = scfg.weight_density * width * max(3 * m.d_attn, m.d_mlp)
+  if scfg.min_per_neuron and have < need:
+    logging.warning("width %d, L0 %d: density %.4f keeps fewer than %d weights per neuron; "
+                    "the per-neuron minimum cannot hold", width, l0, scfg.weight_density,
+                    scfg.min_per_neuron)
+
+
+# --- aggregation ---
+
+
+def geomean(values: Sequence[float]) -> float:
+  values = [v for v in values]
+  if not values:
+    return math.nan
+  return float(math.exp(np.mean(np.log(np.maximum(values, 1)))))
+
+
+def common_solved(rows: Sequence[dict[str, Any]]) -> list[str]:
+  """Tasks every row solved (the paper's geometric mean runs over shared tasks)."""
+  if not rows:
+    return []
+  sets = [set(r["task_edges"]) for r in rows]
+  return sorted(set.intersection(*sets))
+
+
+def add_geomeans(rows: list[dict[str, Any]]) -> list[str]:
+  """Sets rows[i]['geomean_edges'] over the tasks every row solved; returns those tasks."""
+  shared = common_solved(rows)
+  for r in rows:
+    r["geomean_edges"] = geomean([r["task_edges"][t] for t in shared])
+    r["geomean_tasks"] = len(shared)
+  return shared
+
+
+def matched_pairs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """For each sparse model, the dense model nearest in validation loss, and the
+  dense/sparse ratio of geometric-mean edges over the tasks both solve. Sorted by |gap|."""
+  dense = [r for r in rows if r["l0_target"] is None]
+  out = []
+  for s in (r for r in rows if r["l0_target"] is not None):
+    if not dense:
+      break
+    d = min(dense, key=lambda r: abs(r["val_loss"] - s["val_loss"]))
+    shared = sorted(set(s["task_edges"]) & set(d["task_edges"]))
+    ge_s = geomean([s["task_edges"][t] for t in shared])
+    ge_d = geomean([d["task_edges"][t] for t in shared])
+    out.append({"sparse": s["name"], "dense": d["name"], "val_loss_sparse": s["val_loss"],
+                "val_loss_dense": d["val_loss"], "loss_gap": abs(s["val_loss"] - d["val_loss"]),
+                "shared_tasks": shared, "geomean_edges_sparse": ge_s,
+                "geomean_edges_dense": ge_d,
+                "ratio_dense_over_sparse": ge_d / ge_s if shared else math.nan})
+  return sorted(out, key=lambda p: p["loss_gap"])

@@ -64,7 +64,8 @@ def run_point(point: sweep_lib.Point, out: Path, *, progress: bool = True) -> No
     t0 = time.perf_counter()
     prune_lib.prune(workdir, progress=progress)
     timing["prune_s"] = time.perf_counter() - t0
-  ckpt_lib.atomic_write_text(timing_path, json.dumps(timing))
+  if not timing_path.exists() or json.loads(timing_path.read_text()) != timing:
+    ckpt_lib.atomic_write_text(timing_path, json.dumps(timing))
 
 
 def point_row(point: sweep_lib.Point, out: Path) -> dict | None:

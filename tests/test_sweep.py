@@ -1,0 +1,114 @@
+"""Scale sweep tests: grid validation, L0 -> densities, aggregation, and the tiny sweep end to
+end (files, fields, resuming without redoing finished points)."""
+
+import csv
+import dataclasses
+import json
+import math
+
+import pytest
+
+from experiments import presets
+from experiments import scale_sweep
+from sparse_jax import sweep as sweep_lib
+
+
+def test_bad_grids_are_refused():
+  base = presets.get_sweep("tiny").base
+  with pytest.raises(ValueError, match="grid is empty"):
+    sweep_lib.SweepConfig(base=base, widths=(), l0_targets=(100,))
+  with pytest.raises(ValueError, match="grid is empty"):
+    sweep_lib.SweepConfig(base=base, widths=(32,), l0_targets=(), dense_baseline=False)
+  with pytest.raises(ValueError, match=r"sweep.widths: duplicate points \[32\]"):
+    sweep_lib.SweepConfig(base=base, widths=(32, 48, 32), l0_targets=(100,))
+  with pytest.raises(ValueError, match=r"sweep.l0_targets: duplicate points \[100\]"):
+    sweep_lib.SweepConfig(base=base, widths=(32,), l0_targets=(100, 100))
+  with pytest.raises(ValueError, match="not multiples of model.d_head"):
+    sweep_lib.SweepConfig(base=base, widths=(40,), l0_targets=(100,))
+  too_big = sweep_lib.SweepConfig(base=base, widths=(32,), l0_targets=(10**7,))
+  with pytest.raises(ValueError, match="L0 10000000 is not smaller than the model's"):
+    sweep_lib.grid(too_big)
+  assert scale_sweep.main(["--preset", "tiny", "--only", "9", "--out", "/nonexistent"]) == 2
+
+
+def test_l0_targets_become_densities_with_the_papers_split():
+  sweep = presets.get_sweep("tiny")
+  points = sweep_lib.grid(sweep)
+  assert [p.name for p in points] == ["d32_dense", "d32_l0_6000", "d48_dense", "d48_l0_6000"]
+  for p in points:
+    n_mat, n_emb = sweep_lib.param_groups(p.config)
+    s = p.config.sparsity
+    if p.l0_target is None:
+      assert not s.enabled
+      continue
+    e = p.width / 32
+    assert s.embed_density == pytest.approx(min(1.0, e * s.weight_density))
+    l0 = s.weight_density * n_mat + s.embed_density * n_emb
+    assert l0 == pytest.approx(p.l0_target, rel=1e-6)
+    assert p.config.model.d_mlp == 4 * p.width and p.config.model.n_head == p.width // 16
+
+
+def test_matched_pairs_and_geomeans():
+  rows = [
+      {"name": "dA", "l0_target": None, "val_loss": 3.0, "task_edges": {"a": 100, "b": 400}},
+      {"name": "dB", "l0_target": None, "val_loss": 2.5, "task_edges": {"a": 50, "b": 200}},
+      {"name": "s1", "l0_target": 10, "val_loss": 2.9, "task_edges": {"a": 10, "b": 40,
+                                                                        "c": 7}},
+  ]
+  assert sweep_lib.add_geomeans(rows) == ["a", "b"]
+  assert rows[0]["geomean_edges"] == pytest.approx(200.0)
+  assert rows[2]["geomean_edges"] == pytest.approx(20.0)
+  pair, = sweep_lib.matched_pairs(rows)
+  assert pair["dense"] == "dA" and pair["loss_gap"] == pytest.approx(0.1)
+  assert pair["ratio_dense_over_sparse"] == pytest.approx(10.0)
+  assert math.isnan(sweep_lib.geomean([]))
+
+
+def _mtimes(path):
+  return {str(p): p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_tiny_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
+  monkeypatch.setenv("SPARSE_JAX_CACHE", str(tmp_path / "cache"))
+  out = tmp_path / "sweep"
+  args = ["--preset", "tiny", "--out", str(out), "--no-progress"]
+  # An interrupted sweep: only point 1 ran before the "crash".
+  assert scale_sweep.main(args + ["--only", "1"]) == 0
+  first = _mtimes(out / "points" / "d32_l0_6000")
+  assert scale_sweep.main(args) == 0
+  # Point 1 was not redone: none of its files changed.
+  assert _mtimes(out / "points" / "d32_l0_6000") == first
+
+  results = json.loads((out / "results.json").read_text())
+  assert [r["name"] for r in results["rows"]] == ["d32_dense", "d32_l0_6000", "d48_dense",
+                                                  "d48_l0_6000"]
+  assert results["missing_points"] == []
+  for r in results["rows"]:
+    assert r["n_layer"] == 1 and r["tasks_available"] == 21 and math.isfinite(r["val_loss"])
+    assert r["timing"]["train_s"] > 0 and r["timing"]["prune_s"] > 0
+    if r["l0_target"] is None:
+      assert r["l0"] == r["sparsifiable_params"]
+    else:
+      assert abs(r["l0"] - r["l0_target"]) < 50  # exact per matrix, rounded down per matrix
+  with open(out / "results.csv") as f:
+    table = list(csv.DictReader(f))
+  assert len(table) == 4 and {"val_loss", "geomean_edges", "l0", "edges/else_elif"} <= set(table[0])
+  report = (out / "report.md").read_text()
+  assert "dense/sparse circuit size" in report and "frontier.png" in report
+  assert (out / "frontier.png").stat().st_size > 10_000
+  assert (out / "circuit_size_vs_task_loss.png").stat().st_size > 10_000
+  assert (out / "points" / "d48_dense" / "circuits" / "summary.json").exists()
+
+  # A point whose pruning was lost is re-pruned, not retrained; the others are untouched.
+  (out / "points" / "d48_dense" / "circuits" / "summary.json").unlink()
+  ckpts = _mtimes(out / "points" / "d48_dense" / "checkpoints")
+  others = _mtimes(out / "points" / "d32_dense")
+  assert scale_sweep.main(args) == 0
+  assert _mtimes(out / "points" / "d48_dense" / "checkpoints") == ckpts
+  assert _mtimes(out / "points" / "d32_dense") == others
+  assert (out / "points" / "d48_dense" / "circuits" / "summary.json").exists()
+  # --collect only aggregates.
+  (out / "report.md").unlink()
+  assert scale_sweep.main(args + ["--collect"]) == 0 and (out / "report.md").exists()

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     out["train_step"] = bench_train_step(cfg, args.repeats)
   if "circuits" in sections:
     from experiments import bench_circuits  # pylint: disable=import-outside-toplevel
-    out["circuits"] = bench_circuits.bench_circuit_search()
+    out["circuits"] = bench_circuits.bench_circuit_search(n_tasks=20, steps=10)
   json.dump(out, sys.stdout, indent=2)
   print()
   return 0

@@ -1,9 +1,10 @@
-"""Named experiment configs: `tiny` (tests, < 1 min), `cpu` (laptop default), `paper` (accelerators).
+"""Named experiment configs: `tiny` (tests), `cpu` (laptop default), `paper` (accelerators).
 
 `get_config(name)` returns a validated `Config` for one training run and `get_sweep(name)` the
-grid of the scale sweep; the CLIs apply `--set section.field=value` overrides on top. Sizes for `paper` follow the authors' training script (PAPER.md §2): 8
-layers, d_model 256*e with e=4, d_head 16, 1/64 of each weight matrix and 1/16 of the
-embeddings nonzero, AbsTopK keeping 1/4 at all eight locations, 32B tokens.
+grid of the scale sweep; the CLIs apply `--set section.field=value` overrides on top. Sizes
+for `paper` follow the authors' training script (PAPER.md §2): 8 layers, d_model 256*e with
+e=4, d_head 16, 1/64 of each weight matrix and 1/16 of the embeddings nonzero, AbsTopK
+keeping 1/4 at all eight locations, 32B tokens.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ def write_report(sweep, rows: list[dict], pairs: list[dict], shared: list[str],
         "Each sparse model is matched with the dense model closest in validation loss; the "
         "ratio is the dense model's geometric-mean circuit edges over the sparse model's, over "
         "the tasks both solve at the target. The headline is the closest-matched pair.", "",
-        f"**Headline: dense/sparse circuit size = {_fmt(best['ratio_dense_over_sparse'], '.1f')}x** "
+        "**Headline: dense/sparse circuit size = "
+        f"{_fmt(best['ratio_dense_over_sparse'], '.1f')}x** "
         f"({best['dense']} vs {best['sparse']}, val loss {best['val_loss_dense']:.3f} vs "
         f"{best['val_loss_sparse']:.3f}, {len(best['shared_tasks'])} shared tasks).", "",
         "| sparse | dense | val loss gap | shared tasks | edges sparse | edges dense | ratio |",

@@ -9,8 +9,8 @@ function of (seed, step), so a resumed run sees exactly the batches it would hav
 `fingerprint` and `resolve_cache_dir` can also be imported from here.
 
 Mixture: each `"source:weight"` entry makes that source a fraction `weight` of the training
-rows; `DataConfig.corpus` gets the rest. Each row draws its source from (seed, step, row). Validation
-batches are drawn the same way from the validation splits, with a fixed seed, so the
+rows; `DataConfig.corpus` gets the rest. Each row draws its source from (seed, step, row).
+Validation batches are drawn the same way from the validation splits, with a fixed seed, so the
 validation loss estimates the training objective; `val_batches(..., source=spec)` evaluates
 one source alone.
 

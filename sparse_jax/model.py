@@ -15,7 +15,8 @@ Params paths (regex-able, used by the sparsity rules):
   wte [V,D], wpe [block_size,D] (optional), ln_f/scale [D], lm_head/w [D,V], bigram [V,V],
   blocks/{i}/ln_1/scale, blocks/{i}/attn/c_attn/{w [D,3A], b [3A]},
   blocks/{i}/attn/c_proj/{w [A,D], b [D]}, blocks/{i}/attn/sink [H] (optional),
-  blocks/{i}/ln_2/scale, blocks/{i}/mlp/c_fc/{w [D,F], b [F]}, blocks/{i}/mlp/c_proj/{w [F,D], b [D]}.
+  blocks/{i}/ln_2/scale, blocks/{i}/mlp/c_fc/{w [D,F], b [F]},
+  blocks/{i}/mlp/c_proj/{w [F,D], b [D]}.
 Weights are stored [in, out] (TF orientation), so x @ w.
 
 Node sites (activation capture and circuit masks), per layer i, each seen after its AbsTopK,

@@ -127,7 +127,9 @@ class MetricsLog:
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
   path = Path(workdir) / METRICS_FILE
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @jax.jit

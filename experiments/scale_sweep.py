@@ -143,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="SECTION.FIELD=VALUE", help="override the base config")
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() first; run on every host")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  if args.distributed:
+    jax.distributed.initialize()
   out = Path(args.out or f"runs/sweep_{args.preset}")
   try:
     sweep = presets.get_sweep(args.preset)

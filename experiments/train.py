@@ -9,6 +9,8 @@ import argparse
 import logging
 import sys
 
+import jax
+
 from experiments import presets
 from sparse_jax import train as train_lib
 from sparse_jax.config import apply_overrides
@@ -25,8 +27,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="SECTION.FIELD=VALUE", help="override a config field")
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  parser.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() first (multi-host: TPU pods, "
+                           "SLURM or explicit coordinator env vars); run on every host")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  if args.distributed:
+    jax.distributed.initialize()
   try:
     cfg = build_config(args.preset, args.overrides)
     train_lib.train(cfg, args.workdir, progress=not args.no_progress)

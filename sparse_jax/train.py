@@ -107,10 +107,16 @@ def shard_batch(batch_BxL1: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 class MetricsLog:
-  """Appends JSON lines to workdir/metrics.jsonl; on resume drops lines past the restart step."""
+  """Appends JSON lines to workdir/metrics.jsonl; on resume drops lines past the restart step.
+
+  Only process 0 writes (under jax.distributed every host runs the same loop).
+  """
 
   def __init__(self, workdir: Path, resume_step: int):
     self.path = workdir / METRICS_FILE
+    self._file = None
+    if jax.process_index() != 0:
+      return
     if self.path.exists():
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -118,11 +124,13 @@ class MetricsLog:
     self._file = open(self.path, "a", encoding="utf-8")
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
-    self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-    self._file.flush()
+    if self._file is not None:
+      self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+      self._file.flush()
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
@@ -184,7 +192,8 @@ def train(cfg: Config, workdir: str | Path, *, progress: bool = True,
   save_steps = set(ckpt_lib.log_spaced_steps(tc.steps, tc.n_log_ckpts))
   end = tc.steps if stop_after is None else min(stop_after, tc.steps)
 
-  bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc=str(workdir.name),
+  bar = tqdm(total=tc.steps, initial=start, disable=not progress or jax.process_index() != 0,
+             desc=str(workdir.name),
              dynamic_ncols=True)
   pending = None  # (step, metrics on device): pulled one step late, so dispatch never waits
   t_last, tokens_since = time.perf_counter(), 0

@@ -106,14 +106,21 @@ def collect(sweep: sweep_lib.SweepConfig, out: Path, *, command: str) -> dict:
   points = sweep_lib.grid(sweep)
   rows = [r for r in (point_row(p, out) for p in points) if r is not None]
   missing = [p.name for p in points if not any(r["name"] == p.name for r in rows)]
-  shared = sweep_lib.add_geomeans(rows)
-  pairs = sweep_lib.matched_pairs(rows)
-  results = {"rows": rows, "shared_tasks": shared, "matched_pairs": pairs,
-             "missing_points": missing}
+  primary = sweep.base.circuit.target_loss
+  targets = sorted(set(sweep_lib.targets_of(rows)) | {primary})
+  frontiers = {t: sweep_lib.frontier(rows, t) for t in targets}
+  pairs = {t: sweep_lib.matched_pairs(rows, t) for t in targets}
+  for r in rows:
+    r["geomean_edges"] = frontiers[primary][1][r["name"]]
+    r["geomean_tasks"] = len(frontiers[primary][0])
+    r["geomean_edges_by_target"] = {str(t): frontiers[t][1][r["name"]] for t in targets}
+  results = {"rows": rows, "target": primary, "targets": targets,
+             "shared_tasks": {str(t): f[0] for t, f in frontiers.items()},
+             "matched_pairs": {str(t): p for t, p in pairs.items()}, "missing_points": missing}
   ckpt_lib.atomic_write_text(out / "results.json", json.dumps(results, indent=1))
-  _write_csv(rows, out / "results.csv")
-  sweep_report.write_figures(rows, pairs, shared, out)
-  sweep_report.write_report(sweep, rows, pairs, shared, missing, out, command=command)
+  _write_csv(rows, targets, out / "results.csv")
+  sweep_report.write_figures(rows, frontiers, pairs, primary, out)
+  sweep_report.write_report(sweep, rows, frontiers, pairs, missing, out, command=command)
   return results
 
 
@@ -122,13 +129,16 @@ _CSV_FIELDS = ("name", "width", "n_layer", "total_params", "sparsifiable_params"
                "tasks_solved", "geomean_edges", "geomean_tasks")
 
 
-def _write_csv(rows: list[dict], path: Path) -> None:
+def _write_csv(rows: list[dict], targets: list[float], path: Path) -> None:
   tasks = sorted({t for r in rows for t in r["task_loss_full"]})
   with open(path.with_suffix(".csv.tmp"), "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(list(_CSV_FIELDS) + [f"edges/{t}" for t in tasks])
+    w.writerow(list(_CSV_FIELDS) + [f"geomean_edges@{t}" for t in targets]
+               + [f"edges/{t}" for t in tasks])
     for r in rows:
-      w.writerow([r.get(k) for k in _CSV_FIELDS] + [r["task_edges"].get(t, "") for t in tasks])
+      w.writerow([r.get(k) for k in _CSV_FIELDS]
+                 + [r["geomean_edges_by_target"][str(t)] for t in targets]
+                 + [r["task_edges"].get(t, "") for t in tasks])
   path.with_suffix(".csv.tmp").replace(path)
 
 

@@ -25,10 +25,12 @@ def size_vs_target(row: dict, other: dict) -> list[tuple[float, float, int]]:
   return out
 
 
-def write_figures(rows: list[dict], pairs: list[dict], shared: list[str], out: Path) -> None:
-  viz.plot_frontier(rows, str(out / "frontier.png"), n_tasks=len(shared))
-  if pairs:
-    best = pairs[0]
+def write_figures(rows: list[dict], frontiers: dict, pairs: dict, primary: float,
+                  out: Path) -> None:
+  viz.plot_frontier(rows, {t: f[1] for t, f in frontiers.items()},
+                    {t: len(f[0]) for t, f in frontiers.items()}, str(out / "frontier.png"))
+  if pairs.get(primary):
+    best = pairs[primary][0]  # the matching (by validation loss) is the same at every target
     by_name = {r["name"]: r for r in rows}
     s, d = by_name[best["sparse"]], by_name[best["dense"]]
     viz.plot_size_vs_target(
@@ -45,9 +47,25 @@ def _fmt(x, spec: str) -> str:
   return format(x, spec)
 
 
-def write_report(sweep, rows: list[dict], pairs: list[dict], shared: list[str],
-                 missing: list[str], out: Path, *, command: str) -> None:
-  base = sweep.base
+def headline(pairs: dict, primary: float) -> dict | None:
+  """The closest-matched pair at the primary target, or at the strictest target where it
+  shares a task, if it shares none at the primary one."""
+  if not pairs.get(primary):
+    return None
+  best = pairs[primary][0]
+  if best["shared_tasks"]:
+    return best
+  for t in sorted(pairs):
+    match = [p for p in pairs[t] if p["sparse"] == best["sparse"] and p["shared_tasks"]]
+    if match:
+      return match[0]
+  return best
+
+
+def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing: list[str],
+                 out: Path, *, command: str) -> None:
+  base, primary = sweep.base, sweep.base.circuit.target_loss
+  targets = sorted(frontiers)
   mixture = ", ".join(base.data.mixture) or "none"
   lines = [
       "# Scale sweep: capability vs interpretability", "",
@@ -58,48 +76,59 @@ def write_report(sweep, rows: list[dict], pairs: list[dict], shared: list[str],
       f"{base.train.steps} steps of {base.train.batch_size} x {base.train.seq_len} tokens "
       f"({base.train.steps * base.train.batch_size * base.train.seq_len / 1e6:.1f}M tokens) "
       "per model",
-      f"- circuits: target held-out task loss {base.circuit.target_loss} (per-sequence mean "
-      f"contrast loss), {base.circuit.steps} mask steps of {base.circuit.batch_size} pairs, "
-      f"k_coef {base.circuit.k_coef}, extra targets {list(base.circuit.extra_targets)}",
-      f"- L0 counts nonzero weight matrices, embeddings, unembedding and biases (not norms or "
+      f"- circuits: target held-out task loss {primary} (per-sequence mean contrast loss; "
+      f"also measured at {[t for t in targets if t != primary]}), {base.circuit.steps} mask "
+      f"steps of {base.circuit.batch_size} pairs, lr {base.circuit.lr}, k_coef "
+      f"{base.circuit.k_coef}",
+      "- L0 counts nonzero weight matrices, embeddings, unembedding and biases (not norms or "
       "the dense bigram table)", ""]
   if missing:
-    lines += [f"**Unfinished points (not in the table):** {', '.join(missing)}", ""]
+    lines += [f"**Unfinished points (not in the tables):** {', '.join(missing)}", ""]
   lines += ["## Models", "",
-            "| model | width | params | L0 | val loss | tasks solved | geomean edges |",
-            "|---|---|---|---|---|---|---|"]
+            "| model | width | params | L0 | val loss | tasks solved | "
+            + " | ".join(f"geomean edges @{t}" for t in targets) + " |",
+            "|---|---|---|---|---|---|" + "---|" * len(targets)]
   for r in rows:
     lines.append(f"| {r['name']} | {r['width']} | {r['total_params']:,} | {r['l0']:,} | "
                  f"{r['val_loss']:.3f} | {r['tasks_solved']}/{r['tasks_available']} | "
-                 f"{_fmt(r['geomean_edges'], '.0f')} |")
-  lines += ["", f"Geometric mean over the {len(shared)} tasks every model solves: "
-            f"{', '.join(shared) or 'none'}.", ""]
-  lines += ["## Dense vs sparse at matched pretraining loss", ""]
-  if pairs:
-    best = pairs[0]
+                 + " | ".join(_fmt(frontiers[t][1][r["name"]], ".0f") for t in targets) + " |")
+  lines.append("")
+  for t in targets:
+    shared = frontiers[t][0]
+    lines.append(f"- @{t}: geometric mean over the {len(shared)} tasks every model meets: "
+                 f"{', '.join(shared) or 'none'}")
+  lines += ["", "## Dense vs sparse at matched pretraining loss", ""]
+  best = headline(pairs, primary)
+  if best is None:
+    lines.append("No sparse/dense pair finished yet.")
+  else:
+    at = "" if best["target"] == primary else (
+        f" (at target {best['target']}: the pair shares no task at {primary})")
     lines += [
         "Each sparse model is matched with the dense model closest in validation loss; the "
         "ratio is the dense model's geometric-mean circuit edges over the sparse model's, over "
-        "the tasks both solve at the target. The headline is the closest-matched pair.", "",
+        "the tasks both meet at the target. The headline is the closest-matched pair.", "",
         "**Headline: dense/sparse circuit size = "
-        f"{_fmt(best['ratio_dense_over_sparse'], '.1f')}x** "
-        f"({best['dense']} vs {best['sparse']}, val loss {best['val_loss_dense']:.3f} vs "
-        f"{best['val_loss_sparse']:.3f}, {len(best['shared_tasks'])} shared tasks).", "",
-        "| sparse | dense | val loss gap | shared tasks | edges sparse | edges dense | ratio |",
-        "|---|---|---|---|---|---|---|"]
-    for p in pairs:
-      lines.append(f"| {p['sparse']} | {p['dense']} | {p['loss_gap']:.3f} | "
-                   f"{len(p['shared_tasks'])} | {_fmt(p['geomean_edges_sparse'], '.0f')} | "
-                   f"{_fmt(p['geomean_edges_dense'], '.0f')} | "
-                   f"{_fmt(p['ratio_dense_over_sparse'], '.1f')} |")
-  else:
-    lines.append("No sparse/dense pair finished yet.")
+        f"{_fmt(best['ratio_dense_over_sparse'], '.1f')}x** ({best['dense']} vs "
+        f"{best['sparse']}, val loss {best['val_loss_dense']:.3f} vs "
+        f"{best['val_loss_sparse']:.3f}, {len(best['shared_tasks'])} shared tasks: "
+        f"{', '.join(best['shared_tasks'])}){at}.", "",
+        "| target | sparse | dense | val loss gap | shared tasks | edges sparse | edges dense "
+        "| ratio |", "|---|---|---|---|---|---|---|---|"]
+    for t in targets:
+      for p in pairs[t]:
+        lines.append(f"| {t} | {p['sparse']} | {p['dense']} | {p['loss_gap']:.3f} | "
+                     f"{len(p['shared_tasks'])} | {_fmt(p['geomean_edges_sparse'], '.0f')} | "
+                     f"{_fmt(p['geomean_edges_dense'], '.0f')} | "
+                     f"{_fmt(p['ratio_dense_over_sparse'], '.1f')} |")
   tasks = sorted({t for r in rows for t in r["task_loss_full"]})
-  lines += ["", "## Per-task circuit edges (blank: the full model misses the target)", "",
+  lines += ["", f"## Per-task circuit edges at {primary} (blank: the full model misses the "
+            "target; in brackets: its held-out loss)", "",
             "| task | " + " | ".join(r["name"] for r in rows) + " |",
             "|---|" + "---|" * len(rows)]
   for t in tasks:
-    cells = [str(r["task_edges"].get(t, "")) for r in rows]
+    cells = [str(r["task_edges"][t]) if t in r["task_edges"]
+             else f"({r['task_loss_full'][t]:.2f})" for r in rows]
     lines.append(f"| {t} | " + " | ".join(cells) + " |")
   unavailable = rows[0]["unavailable"] if rows else {}
   if unavailable:

@@ -127,44 +127,47 @@ def _warn_if_neuron_minimum_infeasible(cfg: Config, scfg: SparsityConfig, width:
 
 
 def geomean(values: Sequence[float]) -> float:
-  values = [v for v in values]
+  """Geometric mean; an empty circuit (0 edges) counts as 1 edge, so the mean is defined."""
   if not values:
     return math.nan
   return float(math.exp(np.mean(np.log(np.maximum(values, 1)))))
 
 
-def common_solved(rows: Sequence[dict[str, Any]]) -> list[str]:
-  """Tasks every row solved (the paper's geometric mean runs over shared tasks)."""
-  if not rows:
-    return []
-  sets = [set(r["task_edges"]) for r in rows]
-  return sorted(set.intersection(*sets))
+def edges_at(row: dict[str, Any], target: float) -> dict[str, int]:
+  """{task: circuit edges} for every task the row's model meets at `target`."""
+  return {task: p["edges"] for task, curve in row["size_vs_target"].items() for p in curve
+          if p["target"] == target}
 
 
-def add_geomeans(rows: list[dict[str, Any]]) -> list[str]:
-  """Sets rows[i]['geomean_edges'] over the tasks every row solved; returns those tasks."""
-  shared = common_solved(rows)
-  for r in rows:
-    r["geomean_edges"] = geomean([r["task_edges"][t] for t in shared])
-    r["geomean_tasks"] = len(shared)
-  return shared
+def targets_of(rows: Sequence[dict[str, Any]]) -> list[float]:
+  return sorted({p["target"] for r in rows for c in r["size_vs_target"].values() for p in c})
 
 
-def matched_pairs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def frontier(rows: Sequence[dict[str, Any]], target: float) -> tuple[list[str], dict[str, float]]:
+  """(tasks every model meets at target, {model: geometric-mean edges over those tasks}):
+  the y axis of the paper's Fig 3, whose geometric mean runs over shared tasks."""
+  per_row = [edges_at(r, target) for r in rows]
+  shared = sorted(set.intersection(*(set(e) for e in per_row))) if rows else []
+  return shared, {r["name"]: geomean([e[t] for t in shared]) for r, e in zip(rows, per_row)}
+
+
+def matched_pairs(rows: Sequence[dict[str, Any]], target: float) -> list[dict[str, Any]]:
   """For each sparse model, the dense model nearest in validation loss, and the
-  dense/sparse ratio of geometric-mean edges over the tasks both solve. Sorted by |gap|."""
+  dense/sparse ratio of geometric-mean edges over the tasks both meet at `target`.
+  Sorted by the validation-loss gap, closest match first."""
   dense = [r for r in rows if r["l0_target"] is None]
   out = []
   for s in (r for r in rows if r["l0_target"] is not None):
     if not dense:
       break
     d = min(dense, key=lambda r: abs(r["val_loss"] - s["val_loss"]))
-    shared = sorted(set(s["task_edges"]) & set(d["task_edges"]))
-    ge_s = geomean([s["task_edges"][t] for t in shared])
-    ge_d = geomean([d["task_edges"][t] for t in shared])
-    out.append({"sparse": s["name"], "dense": d["name"], "val_loss_sparse": s["val_loss"],
-                "val_loss_dense": d["val_loss"], "loss_gap": abs(s["val_loss"] - d["val_loss"]),
-                "shared_tasks": shared, "geomean_edges_sparse": ge_s,
-                "geomean_edges_dense": ge_d,
+    e_s, e_d = edges_at(s, target), edges_at(d, target)
+    shared = sorted(set(e_s) & set(e_d))
+    ge_s = geomean([e_s[t] for t in shared])
+    ge_d = geomean([e_d[t] for t in shared])
+    out.append({"target": target, "sparse": s["name"], "dense": d["name"],
+                "val_loss_sparse": s["val_loss"], "val_loss_dense": d["val_loss"],
+                "loss_gap": abs(s["val_loss"] - d["val_loss"]), "shared_tasks": shared,
+                "geomean_edges_sparse": ge_s, "geomean_edges_dense": ge_d,
                 "ratio_dense_over_sparse": ge_d / ge_s if shared else math.nan})
   return sorted(out, key=lambda p: p["loss_gap"])

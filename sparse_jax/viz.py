@@ -119,38 +119,44 @@ def plot_circuit(circuit, path: str, *, max_edges: int = 300) -> None:
   plt.close(fig)
 
 
-def plot_frontier(rows, path: str, *, n_tasks: int) -> None:
-  """Pretraining loss vs geometric-mean circuit edges: one series per L0, plus dense.
+def plot_frontier(rows, geomeans: dict, n_shared: dict, path: str) -> None:
+  """Pretraining loss vs geometric-mean circuit edges (Fig 3), one panel per target loss.
 
   Args:
-    rows: sweep rows with name, width, l0_target (None = dense), val_loss, geomean_edges.
+    rows: sweep rows with name, width, l0_target (None = dense) and val_loss.
+    geomeans: {target: {model name: geometric-mean edges over the shared tasks}}.
+    n_shared: {target: number of tasks every model meets there}.
     path: PNG to write.
-    n_tasks: number of shared tasks the geometric mean runs over (for the title).
   """
-  fig, ax = plt.subplots(figsize=(7, 5))
+  targets = sorted(geomeans)
+  fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.8), squeeze=False)
   series = sorted({r["l0_target"] for r in rows}, key=lambda l0: (l0 is None, l0 or 0))
   cmap = plt.get_cmap("viridis", max(len(series), 2))
-  for i, l0 in enumerate(series):
-    pts = sorted((r for r in rows if r["l0_target"] == l0 and math.isfinite(r["geomean_edges"])),
-                 key=lambda r: r["width"])
-    if not pts:
-      continue
-    dense = l0 is None
-    ax.plot([r["val_loss"] for r in pts], [r["geomean_edges"] for r in pts],
-            marker="s" if dense else "o", linestyle="--" if dense else "-",
-            color="black" if dense else cmap(i), label="dense" if dense else f"L0 = {l0:,}")
-    for r in pts:
-      ax.annotate(f"d{r['width']}", (r["val_loss"], r["geomean_edges"]), fontsize=8,
-                  textcoords="offset points", xytext=(4, 4))
-  ax.set_yscale("log")
-  ax.set_xlabel("pretraining (validation) loss, nats/token")
-  ax.set_ylabel("circuit size: geometric-mean edges")
-  ax.set_title(f"capability vs interpretability (geometric mean over {n_tasks} shared tasks)\n"
-               "lower left is better", fontsize=10)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
+  for ax, target in zip(axes[0], targets):
+    for i, l0 in enumerate(series):
+      pts = sorted(((r, geomeans[target][r["name"]]) for r in rows if r["l0_target"] == l0),
+                   key=lambda p: p[0]["width"])
+      pts = [(r, y) for r, y in pts if math.isfinite(y)]
+      if not pts:
+        continue
+      dense = l0 is None
+      ax.plot([r["val_loss"] for r, _ in pts], [y for _, y in pts],
+              marker="s" if dense else "o", linestyle="--" if dense else "-",
+              color="black" if dense else cmap(i), label="dense" if dense else f"L0 = {l0:,}")
+      for r, y in pts:
+        ax.annotate(f"d{r['width']}", (r["val_loss"], y), fontsize=8,
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set_yscale("log")
+    ax.set_xlabel("pretraining (validation) loss, nats/token")
+    ax.set_ylabel("circuit size: geometric-mean edges")
+    ax.set_title(f"target task loss {target}: {n_shared[target]} tasks every model meets",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+      ax.legend(fontsize=8)
+  fig.suptitle("capability vs interpretability (lower left is better)", fontsize=11)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
 
 

@@ -48,19 +48,29 @@ def test_l0_targets_become_densities_with_the_papers_split():
     assert p.config.model.d_mlp == 4 * p.width and p.config.model.n_head == p.width // 16
 
 
-def test_matched_pairs_and_geomeans():
-  rows = [
-      {"name": "dA", "l0_target": None, "val_loss": 3.0, "task_edges": {"a": 100, "b": 400}},
-      {"name": "dB", "l0_target": None, "val_loss": 2.5, "task_edges": {"a": 50, "b": 200}},
-      {"name": "s1", "l0_target": 10, "val_loss": 2.9, "task_edges": {"a": 10, "b": 40,
-                                                                        "c": 7}},
-  ]
-  assert sweep_lib.add_geomeans(rows) == ["a", "b"]
-  assert rows[0]["geomean_edges"] == pytest.approx(200.0)
-  assert rows[2]["geomean_edges"] == pytest.approx(20.0)
-  pair, = sweep_lib.matched_pairs(rows)
+def _row(name, l0, val, edges_by_target):
+  curves = {}
+  for target, edges in edges_by_target.items():
+    for task, e in edges.items():
+      curves.setdefault(task, []).append({"target": target, "edges": e})
+  return {"name": name, "l0_target": l0, "val_loss": val, "size_vs_target": curves}
+
+
+def test_frontier_and_matched_pairs():
+  rows = [_row("dA", None, 3.0, {0.15: {"a": 100, "b": 400}, 0.3: {"a": 50, "b": 100}}),
+          _row("dB", None, 2.5, {0.15: {"a": 50, "b": 200}}),
+          _row("s1", 10, 2.9, {0.15: {"a": 10, "b": 40, "c": 7}, 0.3: {"a": 0, "c": 1}})]
+  assert sweep_lib.targets_of(rows) == [0.15, 0.3]
+  shared, geo = sweep_lib.frontier(rows, 0.15)
+  assert shared == ["a", "b"]
+  assert geo["dA"] == pytest.approx(200.0) and geo["s1"] == pytest.approx(20.0)
+  assert sweep_lib.frontier(rows, 0.3)[0] == []  # dB meets nothing at 0.3
+  pair, = sweep_lib.matched_pairs(rows, 0.15)
   assert pair["dense"] == "dA" and pair["loss_gap"] == pytest.approx(0.1)
   assert pair["ratio_dense_over_sparse"] == pytest.approx(10.0)
+  pair, = sweep_lib.matched_pairs(rows, 0.3)
+  assert pair["shared_tasks"] == ["a"]  # an empty circuit counts as one edge
+  assert pair["ratio_dense_over_sparse"] == pytest.approx(50.0)
   assert math.isnan(sweep_lib.geomean([]))
 
 
@@ -94,7 +104,10 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
       assert abs(r["l0"] - r["l0_target"]) < 50  # exact per matrix, rounded down per matrix
   with open(out / "results.csv") as f:
     table = list(csv.DictReader(f))
-  assert len(table) == 4 and {"val_loss", "geomean_edges", "l0", "edges/else_elif"} <= set(table[0])
+  assert len(table) == 4
+  assert {"val_loss", "geomean_edges", "l0", "edges/else_elif", "geomean_edges@1.0"} <= set(
+      table[0])
+  assert results["targets"] == [0.8, 1.0, 1.5]
   report = (out / "report.md").read_text()
   assert "dense/sparse circuit size" in report and "frontier.png" in report
   assert (out / "frontier.png").stat().st_size > 10_000

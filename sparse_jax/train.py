@@ -154,15 +154,13 @@ def _check_finite(loss: float, step: int, workdir: Path, last_saved: int | None,
                              "Lower optim.lr or check the data.")
 
 
-def train(cfg: Config, workdir: str | Path, *, progress: bool = True,
-          stop_after: int | None = None) -> TrainState:
+def train(cfg: Config, workdir: str | Path, *, progress: bool = True) -> TrainState:
   """Trains (or resumes) the run in `workdir` to cfg.train.steps; returns the final state.
 
   Args:
     cfg: the experiment; must equal the config saved in workdir if the run exists.
     workdir: run directory (created if missing).
     progress: show a tqdm bar.
-    stop_after: stop (after checkpointing) once this step is reached; for staged runs.
   """
   workdir = Path(workdir)
   ckpt_lib.check_or_write_config(workdir, cfg)
@@ -190,22 +188,20 @@ def train(cfg: Config, workdir: str | Path, *, progress: bool = True,
   step_fn = make_train_step(cfg, opt, mesh)
   evaluator = _Evaluator(cfg, dataset, mesh)
   save_steps = set(ckpt_lib.log_spaced_steps(tc.steps, tc.n_log_ckpts))
-  end = tc.steps if stop_after is None else min(stop_after, tc.steps)
 
-  bar = tqdm(total=tc.steps, initial=start, disable=not progress or jax.process_index() != 0,
-             desc=str(workdir.name),
-             dynamic_ncols=True)
+  bar = tqdm(total=tc.steps, initial=start, desc=str(workdir.name), dynamic_ncols=True,
+             disable=not progress or jax.process_index() != 0)
   pending = None  # (step, metrics on device): pulled one step late, so dispatch never waits
   t_last, tokens_since = time.perf_counter(), 0
   try:
-    for s in range(start + 1, end + 1):
+    for s in range(start + 1, tc.steps + 1):
       batch = shard_batch(dataset.train_batch(tc.seed, s, tc.batch_size, tc.seq_len), mesh)
       state, metrics = step_fn(state, batch)
       tokens_since += tc.batch_size * tc.seq_len
       if pending is not None:
         _check_finite(float(pending[1]["loss"]), pending[0], workdir, last_saved)
       pending = (s, metrics)
-      if s % tc.log_every == 0 or s == end:
+      if s % tc.log_every == 0 or s == tc.steps:
         loss = float(metrics["loss"])
         _check_finite(loss, s, workdir, last_saved)
         now = time.perf_counter()
@@ -215,10 +211,11 @@ def train(cfg: Config, workdir: str | Path, *, progress: bool = True,
         log.write(s, row)
         bar.set_postfix(loss=f"{loss:.3f}")
         t_last, tokens_since = now, 0
-      if s % tc.eval_every == 0 or s == end:
+      if s % tc.eval_every == 0 or s == tc.steps:
+        t_eval = time.perf_counter()
         log.write(s, evaluator(state.params))
-        t_last = time.perf_counter()  # evaluation time is not training throughput
-      if s % tc.ckpt_every == 0 or s in save_steps or s == end:
+        t_last += time.perf_counter() - t_eval  # evaluation time is not training throughput
+      if s % tc.ckpt_every == 0 or s in save_steps or s == tc.steps:
         # Never save a state that is not finite: a good checkpoint is never replaced by one.
         _check_finite(float(metrics["loss"]), s, workdir, last_saved)
         _check_finite(0.0 if _params_finite(state.params) else math.nan, s, workdir, last_saved,

@@ -62,7 +62,7 @@ def run_point(point: sweep_lib.Point, out: Path, *, progress: bool = True) -> No
     ckpt_lib.check_or_write_config(workdir, point.config)  # refuses a changed sweep config
   if not _pruning_done(workdir, point.config.circuit):
     t0 = time.perf_counter()
-    prune_lib.prune(workdir, progress=progress)
+    prune_lib.prune(workdir, circuit_cfg=point.config.circuit, progress=progress)
     timing["prune_s"] = time.perf_counter() - t0
   if not timing_path.exists() or json.loads(timing_path.read_text()) != timing:
     ckpt_lib.atomic_write_text(timing_path, json.dumps(timing))

@@ -45,14 +45,18 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def check_or_write_config(workdir: Path, cfg: Config) -> None:
-  """Writes config.json, or refuses a config that differs from the saved one."""
+  """Writes config.json, or refuses a config whose training differs from the saved one.
+
+  The `circuit` section is not compared: circuit search settings do not change what was
+  trained, and a run can be pruned again with other settings.
+  """
   path = workdir / CONFIG_FILE
   if path.exists():
     try:
       saved = Config.from_json(path.read_text())
     except (ValueError, json.JSONDecodeError) as e:
       raise ValueError(f"{path}: unreadable saved config ({e})") from None
-    diffs = diff_configs(saved, cfg)
+    diffs = [d for d in diff_configs(saved, cfg) if not d.startswith("circuit.")]
     if diffs:
       raise ValueError(f"{workdir} holds a run with a different config; use a new --workdir or "
                        "the same settings. Differences (saved -> requested):\n  "

@@ -100,6 +100,9 @@ def test_mismatched_config_is_refused(tmp_path):
   result = subprocess.run(cli(tmp_path / "run", cache, "train.steps=5", "model.d_mlp=128"),
                           capture_output=True, text=True)
   assert result.returncode == 2 and "model.d_mlp: 64 -> 128" in result.stderr
+  # Circuit-search settings do not change what was trained: accepted.
+  ckpt_lib.check_or_write_config(tmp_path / "run",
+                                 tiny_config(cache, "train.steps=5", "circuit.k_coef=0.01"))
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -117,13 +117,15 @@ def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike) -> Path:
   return atomic_write(Path(directory, "tokenizer.json"), lambda tmp: tok.save(str(tmp)))
 
 
-def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-  """Reads the tokenizer saved by `save_tokenizer`.
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+  """Reads a tokenizer JSON file, or the tokenizer.json `save_tokenizer` wrote into a directory.
 
   Raises:
-    ValueError: no readable tokenizer.json in directory.
+    ValueError: no readable tokenizer at path.
   """
-  path = Path(directory) / "tokenizer.json"
+  path = Path(path)
+  if path.is_dir() or not path.suffix:
+    path = path / "tokenizer.json"
   try:
     tok = Tokenizer.from_file(str(path))
   except Exception as e:  # tokenizers raises a bare Exception on missing or invalid files

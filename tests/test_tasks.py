@@ -347,5 +347,5 @@ def test_cli_list_and_show(tokenizer_file, tmp_path, capsys):
   assert out.count("A last tokens:") == 2 and "(id " in out
   (tmp_path / "run").mkdir()
   assert tasks_cli.main(["--show", "var_if", "--workdir", str(tmp_path / "run")]) == 2
-  assert "no tokenizer file" in capsys.readouterr().err
+  assert "run/tokenizer.json: cannot load tokenizer" in capsys.readouterr().err
   assert tasks_cli.main(["--show", "nope", "--tokenizer", tokenizer_file]) == 2

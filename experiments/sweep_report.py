@@ -41,6 +41,13 @@ def write_figures(rows: list[dict], frontiers: dict, pairs: dict, primary: float
               "(numbers: tasks both models meet at that target)")
 
 
+def _k_coefs(ccfg) -> str:
+  """The node penalty, or the grid searched per task (the best circuit is kept)."""
+  if ccfg.k_coef_grid:
+    return "grid " + ", ".join(f"{k:g}" for k in ccfg.k_coef_grid) + " (best kept per task)"
+  return f"{ccfg.k_coef:g}"
+
+
 def _fmt(x, spec: str) -> str:
   if x is None or (isinstance(x, float) and math.isnan(x)):
     return "-"
@@ -79,7 +86,7 @@ def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing:
       f"- circuits: target held-out task loss {primary} (per-sequence mean contrast loss; "
       f"also measured at {[t for t in targets if t != primary]}), {base.circuit.steps} mask "
       f"steps of {base.circuit.batch_size} pairs, lr {base.circuit.lr}, k_coef "
-      f"{base.circuit.k_coef}",
+      f"{_k_coefs(base.circuit)}",
       "- L0 counts nonzero weight matrices, embeddings, unembedding and biases (not norms or "
       "the dense bigram table)", ""]
   if missing:

@@ -274,16 +274,18 @@ def make_optimizer(cfg: Config, params: Any, total_steps: int) -> optax.Gradient
 
 def l0_stats(params: Any, specs: dict[str, LeafSpec], step: int | None = None,
              total_steps: int | None = None, scfg: SparsityConfig | None = None) -> dict:
-  """Nonzero counts per sparsified param and in total (plus scheduled L0 if step given)."""
+  """Nonzero counts per sparsified param, per RULES group ("matrix", "embed", "bias",
+  "dense") and in total (plus the scheduled total L0 if step given)."""
   stats = {}
-  total = 0
+  groups = {}
   flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   for name, spec in specs.items():
     nz = int(jnp.count_nonzero(flat[name]))
-    total += nz
+    groups[spec.group] = groups.get(spec.group, 0) + nz
     if spec.sparsified:
       stats[f"sparsity/l0/{name}"] = nz
-  stats["sparsity/l0_total"] = total
+  stats.update({f"sparsity/l0_group/{g}": n for g, n in sorted(groups.items())})
+  stats["sparsity/l0_total"] = sum(groups.values())
   stats["sparsity/params_total"] = sum(s.numel for s in specs.values())
   if step is not None and scfg is not None:
     stats["sparsity/l0_scheduled"] = int(scheduled_l0(specs, step, total_steps, scfg)) + sum(

@@ -183,8 +183,11 @@ def test_every_model_param_matches_a_rule():
 
 
 def test_l0_stats():
-  params = {"wte": jnp.array([[1.0, 0.0], [0.0, 2.0]]), "bigram": jnp.ones((2, 2))}
+  params = {"wte": jnp.array([[1.0, 0.0], [0.0, 2.0]]), "bigram": jnp.ones((2, 2)),
+            "blocks": {"0": {"mlp": {"c_fc": {"b": jnp.array([0.0, 3.0, 0.0])}}}}}
   specs = sparsity.leaf_specs(params, config_lib.SparsityConfig(embed_density=0.5))
   stats = sparsity.l0_stats(params, specs)
-  chex.assert_trees_all_equal(stats, {"sparsity/l0/wte": 2, "sparsity/l0_total": 6,
-                                      "sparsity/params_total": 8})
+  chex.assert_trees_all_equal(stats, {
+      "sparsity/l0/wte": 2, "sparsity/l0/blocks/0/mlp/c_fc/b": 1,
+      "sparsity/l0_group/embed": 2, "sparsity/l0_group/bias": 1,
+      "sparsity/l0_group/dense": 4, "sparsity/l0_total": 7, "sparsity/params_total": 11})

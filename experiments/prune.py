@@ -22,6 +22,7 @@ from pathlib import Path
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import circuits as circuits_lib
 from sparse_jax import data as data_lib
+from sparse_jax import fileio
 from sparse_jax import masks
 from sparse_jax import tasks as tasks_lib
 from sparse_jax.config import CircuitConfig, apply_overrides
@@ -39,13 +40,12 @@ def prune(workdir: str | Path, *, task_names: list[str] | None = None,
   taskset = tasks_lib.build_taskset(
       tokenizer, task_names, n_train=ccfg.n_train_pairs, n_heldout=ccfg.n_heldout_pairs,
       seed=ccfg.seed, max_len=min(128, cfg.model.block_size))
-  means_path = workdir / f"means_{step}.npz"
-  batches = None
-  if not means_path.exists():
+
+  def val_batches():  # inputs only: each batch holds seq_len + 1 tokens
     dataset = data_lib.prepare_data(cfg)
     batches = dataset.val_batches(ccfg.mean_batches, cfg.train.batch_size, cfg.train.seq_len)
-  means = masks.cached_means(str(means_path), params, cfg.model,
-                             [] if batches is None else batches[:, :, :-1])
+    return batches[:, :, :-1]
+  means = masks.cached_means(str(workdir / f"means_{step}.npz"), params, cfg.model, val_batches)
   found = circuits_lib.find_circuits(params, cfg.model, taskset, means, ccfg, progress=progress)
   for circuit in found:
     circuits_lib.save_circuit(circuit, str(out))
@@ -56,7 +56,7 @@ def prune(workdir: str | Path, *, task_names: list[str] | None = None,
                          "edges": c.edges.get("total") if c.edges else None,
                          "loss_full": c.loss_full, "loss_before": c.loss_before,
                          "loss_after": c.loss_after} for c in found}}
-  ckpt_lib.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+  fileio.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
   return summary
 
 

@@ -31,6 +31,7 @@ from experiments import prune as prune_lib
 from experiments import sweep_report
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax.circuits import file_stem
+from sparse_jax import fileio
 from sparse_jax import sparsity
 from sparse_jax import sweep as sweep_lib
 from sparse_jax import train as train_lib
@@ -65,7 +66,7 @@ def run_point(point: sweep_lib.Point, out: Path, *, progress: bool = True) -> No
     prune_lib.prune(workdir, circuit_cfg=point.config.circuit, progress=progress)
     timing["prune_s"] = time.perf_counter() - t0
   if not timing_path.exists() or json.loads(timing_path.read_text()) != timing:
-    ckpt_lib.atomic_write_text(timing_path, json.dumps(timing))
+    fileio.atomic_write_text(timing_path, json.dumps(timing))
 
 
 def point_row(point: sweep_lib.Point, out: Path) -> dict | None:
@@ -117,7 +118,7 @@ def collect(sweep: sweep_lib.SweepConfig, out: Path, *, command: str) -> dict:
   results = {"rows": rows, "target": primary, "targets": targets,
              "shared_tasks": {str(t): f[0] for t, f in frontiers.items()},
              "matched_pairs": {str(t): p for t, p in pairs.items()}, "missing_points": missing}
-  ckpt_lib.atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+  fileio.atomic_write_text(out / "results.json", json.dumps(results, indent=1))
   _write_csv(rows, targets, out / "results.csv")
   sweep_report.write_figures(rows, frontiers, pairs, primary, out)
   sweep_report.write_report(sweep, rows, frontiers, pairs, missing, out, command=command)
@@ -131,15 +132,17 @@ _CSV_FIELDS = ("name", "width", "n_layer", "total_params", "sparsifiable_params"
 
 def _write_csv(rows: list[dict], targets: list[float], path: Path) -> None:
   tasks = sorted({t for r in rows for t in r["task_loss_full"]})
-  with open(path.with_suffix(".csv.tmp"), "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(list(_CSV_FIELDS) + [f"geomean_edges@{t}" for t in targets]
-               + [f"edges/{t}" for t in tasks])
-    for r in rows:
-      w.writerow([r.get(k) for k in _CSV_FIELDS]
-                 + [r["geomean_edges_by_target"][str(t)] for t in targets]
-                 + [r["task_edges"].get(t, "") for t in tasks])
-  path.with_suffix(".csv.tmp").replace(path)
+
+  def write(tmp: Path):
+    with open(tmp, "w", newline="") as f:
+      w = csv.writer(f)
+      w.writerow(list(_CSV_FIELDS) + [f"geomean_edges@{t}" for t in targets]
+                 + [f"edges/{t}" for t in tasks])
+      for r in rows:
+        w.writerow([r.get(k) for k in _CSV_FIELDS]
+                   + [r["geomean_edges_by_target"][str(t)] for t in targets]
+                   + [r["task_edges"].get(t, "") for t in tasks])
+  fileio.atomic_write(path, write)
 
 
 def main(argv: list[str] | None = None) -> int:

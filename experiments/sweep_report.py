@@ -6,6 +6,7 @@ import datetime
 import math
 from pathlib import Path
 
+from sparse_jax import fileio
 from sparse_jax import sweep as sweep_lib
 from sparse_jax import viz
 
@@ -148,4 +149,4 @@ def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing:
     t = r["timing"]
     lines.append(f"| {r['name']} | {_fmt(t.get('train_s'), '.0f')} | "
                  f"{_fmt(t.get('prune_s'), '.0f')} |")
-  (out / "report.md").write_text("\n".join(lines) + "\n")
+  fileio.atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sparse_jax.config import Config, diff_configs
+from sparse_jax.fileio import atomic_write_text
 
 CONFIG_FILE = "config.json"
 CKPT_DIR = "checkpoints"
@@ -36,12 +36,6 @@ def log_spaced_steps(total_steps: int, n: int) -> tuple[int, ...]:
   if n <= 0:
     return ()
   return tuple(int(s) for s in np.unique(np.geomspace(1, total_steps, n).round().astype(int)))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def check_or_write_config(workdir: Path, cfg: Config) -> None:
@@ -96,11 +90,17 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> A
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
   """The newest readable checkpoint (falling back past corrupt ones), or None if there is none."""
+  found = _newest_readable(manager, lambda step: restore(manager, step, abstract_state))
+  return None if found is None else found[0]
+
+
+def _newest_readable(manager: ocp.CheckpointManager, read) -> tuple[Any, int] | None:
+  """(read(step), step) for the newest step that reads back finite, warning past the others."""
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      state = restore(manager, step, abstract_state)
-      _check_finite(state, step)
-      return state
+      out = read(step)
+      _check_finite(out, step)
+      return out, step
     except Exception as e:  # pylint: disable=broad-except
       # Any failure to read one checkpoint (missing/truncated files, bad metadata, NaNs) is
       # survivable as long as an older one is good.
@@ -128,19 +128,22 @@ def load_params(workdir: str | Path, step: int | None = None) -> tuple[Config, A
   abstract = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
       jax.eval_shape(lambda: model_lib.init_params(cfg.model, jax.random.PRNGKey(0))))
-  candidates = [step] if step is not None else steps[::-1]
-  for s in candidates:
+
+  def read(s: int):
+    restored = manager.restore(s, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={"params": abstract}, partial_restore=True,
+            restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract)})))
+    return restored["state"]["params"]
+
+  if step is not None:
     try:
-      restored = manager.restore(s, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(
-              item={"params": abstract}, partial_restore=True,
-              restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract)})))
-      params = restored["state"]["params"]
-      _check_finite(params, s)
-      return cfg, params, s
+      params = read(step)
+      _check_finite(params, step)
     except Exception as e:  # pylint: disable=broad-except
-      if step is not None:
-        raise ValueError(f"{workdir}: checkpoint {s} is unreadable: {e}") from e
-      logging.warning("checkpoint %d in %s is unreadable (%s); trying the previous one", s,
-                      workdir, e)
-  raise ValueError(f"{workdir}: no readable checkpoint among steps {steps}")
+      raise ValueError(f"{workdir}: checkpoint {step} is unreadable: {e}") from e
+    return cfg, params, step
+  found = _newest_readable(manager, read)
+  if found is None:
+    raise ValueError(f"{workdir}: no readable checkpoint among steps {steps}")
+  return cfg, *found

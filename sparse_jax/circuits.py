@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ import optax
 from sparse_jax import edges as edges_lib
 from sparse_jax import masks
 from sparse_jax.config import CircuitConfig, ModelConfig
+from sparse_jax.fileio import atomic_write_text
 from sparse_jax.tasks import TaskArrays, TaskSet, contrast_loss, pair_logit_diff
 
 MAX_JSON_EDGES = 2000  # edges listed in a circuit's JSON (largest |weight| first)
@@ -86,6 +87,15 @@ class Circuit:
   def from_json(cls, text: str) -> "Circuit":
     d = json.loads(text)
     return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+class _Found(NamedTuple):
+  """A discretised circuit of one unit (task x grid value) at one target."""
+
+  k: int  # nodes kept (the top k by mask parameter)
+  loss: float  # its held-out loss
+  nodes: dict[str, list[int]]
+  edges: dict[str, int]
 
 
 # --- batched evaluation of circuits ---
@@ -275,77 +285,73 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
   # Tasks are searched if the full model meets the loosest target (extra_targets give the
   # circuit-size-vs-target curve of PAPER.md Fig 2 from the same trained masks).
   targets = sorted({target, *ccfg.extra_targets})
-  solv_S = np.flatnonzero(loss_full <= targets[-1])
-  if not solv_S.size:
+  searched = np.flatnonzero(loss_full <= targets[-1])
+  if not searched.size:
     return out
 
   grid_G = tuple(ccfg.k_coef_grid) or (ccfg.k_coef,)
   G = len(grid_G)
-  train_S = jax.tree.map(lambda x: x[solv_S], taskset.train)
+  train_S = jax.tree.map(lambda x: x[searched], taskset.train)
   # Each task's noise and minibatches are keyed by its name, not its place in the list.
-  ids_S = [zlib.crc32(taskset.names[t].encode()) & 0x7FFFFFFF for t in solv_S]
+  ids_S = [zlib.crc32(taskset.names[t].encode()) & 0x7FFFFFFF for t in searched]
   tau_SxGxN, train_metrics = masks.train_masks(params, cfg, train_S, means, ccfg, grid_G,
                                                task_ids=ids_S, progress=progress)
-  task_U = np.repeat(solv_S, G)  # unit u = (searched task u // G, grid value u % G)
+  task_U = np.repeat(searched, G)  # unit u = (searched task u // G, grid value u % G)
   rank_UxN = rank_nodes(tau_SxGxN.reshape(-1, N))
   ev.set_ranks(rank_UxN, task_U)
   np_params = jax.device_get(params)
-  by_target = {}  # target -> (k_U, loss_U, nodes_U, edges_U) over the units that can meet it
+  by_target = {}  # target -> {unit: _Found} over the units whose task can meet it
   for t in targets:
     units = np.flatnonzero(loss_full[task_U] <= t)
     k_U, loss_U = bisect_k(lambda u, k: ev.loss("heldout", units[u], k)[0], N,
                            loss_empty[task_U[units]], t, ccfg.bisect_candidates)
-    nodes_U = [masks.nodes_from_keep(rank_UxN[u] < k, cfg) for u, k in zip(units, k_U)]
-    edges_U = [edges_lib.count_edges(nodes, np_params, cfg) for nodes in nodes_U]
-    by_target[t] = dict(zip(units, zip(k_U, loss_U, nodes_U, edges_U)))
-  for s, task in enumerate(solv_S):
+    by_target[t] = {}
+    for u, k, loss in zip(units, k_U, loss_U):
+      nodes = masks.nodes_from_keep(rank_UxN[u] < k, cfg)
+      by_target[t][u] = _Found(k, loss, nodes, edges_lib.count_edges(nodes, np_params, cfg))
+  # Per searched task (row) and target, the grid value with the fewest edges, then nodes,
+  # then loss, then the earlier grid value.
+  best = {}
+  for row, task in enumerate(searched):
     curve = []
     for t in targets:
-      found = [(by_target[t][u][3]["total"], by_target[t][u][0], by_target[t][u][1], u)
-               for u in range(s * G, s * G + G) if u in by_target[t]]
-      if found:
-        e, k, loss, _ = min(found)
-        curve.append({"target": t, "n_nodes": int(k), "edges": int(e), "loss": float(loss)})
+      units = [u for u in range(row * G, row * G + G) if u in by_target[t]]
+      if units:
+        f = by_target[t]
+        u = best[t, row] = min(units, key=lambda u: (f[u].edges["total"], f[u].k, f[u].loss, u))
+        curve.append({"target": t, "n_nodes": int(f[u].k), "edges": int(f[u].edges["total"]),
+                      "loss": float(f[u].loss)})
     out[task].search["by_target"] = curve
-  solv_S = np.flatnonzero(loss_full <= target)
-  if not solv_S.size:
+  rows = [row for row in range(len(searched)) if (target, row) in best]
+  if not rows:
     return out
-  primary = by_target[target]
-  k_U = np.zeros(len(task_U), np.int64)
-  loss_U = np.full(len(task_U), np.nan)
-  nodes_U, edges_U = [None] * len(task_U), [None] * len(task_U)
-  for u, (k, loss, nodes, edges) in primary.items():
-    k_U[u], loss_U[u], nodes_U[u], edges_U[u] = k, loss, nodes, edges
-  first_U = {task: i * G for i, task in enumerate(np.unique(task_U))}
-  best_S = [min(range(first_U[task], first_U[task] + G),
-                key=lambda u: (edges_U[u]["total"], k_U[u], loss_U[u], u))
-            for task in solv_S]
 
-  # Calibration and checks for the chosen circuits.
-  k_S = k_U[best_S]
+  # Calibration and checks for the chosen circuits at the primary target.
+  primary = by_target[target]
+  best_S = [best[target, row] for row in rows]
+  k_S = np.array([primary[u].k for u in best_S])
   d_train = ev.d("train", best_S, k_S)
   d_held = ev.d("heldout", best_S, k_S)
   ab_Sx2 = np.asarray(fit_logit_scale_shift(jnp.asarray(d_train), ccfg.lbfgs_steps))
   loss_b, acc_b = _losses_accs(jnp.asarray(d_held))
   loss_a, acc_a = _losses_accs(ab_Sx2[:, :1, None] * d_held + ab_Sx2[:, 1:, None])
   loss_n, acc_n = ev.loss("heldout", best_S, k_S, np.ones(len(best_S), bool))
-  searched_S = np.unique(task_U)
-  for s, u in enumerate(best_S):
-    c, g, row = out[solv_S[s]], u % G, int(np.flatnonzero(searched_S == solv_S[s])[0])
-    c.k_coef, c.n_nodes, c.nodes, c.edges = grid_G[g], int(k_U[u]), nodes_U[u], edges_U[u]
+  for s, (row, u) in enumerate(zip(rows, best_S)):
+    c, g, found = out[searched[row]], u % G, primary[u]
+    c.k_coef, c.n_nodes, c.nodes, c.edges = grid_G[g], int(found.k), found.nodes, found.edges
     c.loss_before, c.loss_after = float(loss_b[s]), float(loss_a[s])
     c.logit_scale, c.logit_shift = float(ab_Sx2[s, 0]), float(ab_Sx2[s, 1])
     c.sufficiency = {"loss": float(loss_b[s]), "acc": float(acc_b[s]),
                      "loss_calibrated": float(loss_a[s]), "acc_calibrated": float(acc_a[s]),
                      "meets_target": bool(loss_b[s] <= target)}
     c.necessity = {"loss": float(loss_n[s]), "acc": float(acc_n[s])}
+    grid = [primary[row * G + j] for j in range(G)]
     c.search.update({
         "n_nodes_total": N, "d_head": cfg.d_head,
         "train_final_loss": float(train_metrics["loss"][row, g]),
         "train_final_kept": int(train_metrics["kept"][row, g]),
-        "grid": [{"k_coef": grid_G[j], "n_nodes": int(k_U[row * G + j]),
-                  "edges": edges_U[row * G + j]["total"], "loss": float(loss_U[row * G + j])}
-                 for j in range(G)]})
+        "grid": [{"k_coef": grid_G[j], "n_nodes": int(f.k), "edges": f.edges["total"],
+                  "loss": float(f.loss)} for j, f in enumerate(grid)]})
     c.edge_list = edges_lib.list_edges(c.nodes, np_params, cfg)
   return out
 
@@ -361,8 +367,6 @@ def save_circuit(circuit: Circuit, out_dir: str) -> tuple[str, str]:
 
   os.makedirs(out_dir, exist_ok=True)
   base = os.path.join(out_dir, file_stem(circuit.task))
-  with open(base + ".json.tmp", "w") as f:
-    f.write(circuit.to_json())
-  os.replace(base + ".json.tmp", base + ".json")  # atomic: never a half-written JSON
+  atomic_write_text(base + ".json", circuit.to_json())
   viz.plot_circuit(circuit, base + ".png")
   return base + ".json", base + ".png"

@@ -13,8 +13,7 @@ Documents go to training or validation by a stable hash of their names; a corpus
 document is cut at a line boundary into a training and a validation part.
 
 Cache (`DataConfig.cache_dir`, else $SPARSE_JAX_CACHE, else ~/.cache/sparse_jax), every file
-written to a temporary name then `os.replace`d so that a killed process never leaves half a
-file (`atomic_write`, `cached`; `data` caches its tokenizer and tokens the same way):
+written atomically (`fileio.atomic_write`, via `cached`; `data` caches its tokenizer and tokens the same way):
 `simple-<key>.jsonl` keyed by the generator's source files, the number of documents and the seed.
 """
 
@@ -27,11 +26,11 @@ import json
 import logging
 import os
 import sysconfig
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from sparse_jax import corpus_gen
+from sparse_jax.fileio import atomic_write
 
 SIMPLE_DOCS = 5000  # modules in the `simple` source: about 3.2M tokens at vocab 2048
 SIMPLE_SEED = 0
@@ -209,19 +208,6 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
   path = Path(cache_dir or os.environ.get("SPARSE_JAX_CACHE") or "~/.cache/sparse_jax")
   path = path.expanduser()
   path.mkdir(parents=True, exist_ok=True)
-  return path
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-  """Calls write(tmp) on a temporary file beside path, then renames it to path."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    write(Path(tmp))
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches may be shared
-    os.replace(tmp, path)  # atomic: readers see no file or the whole file, never half
-  finally:
-    Path(tmp).unlink(missing_ok=True)
   return path
 
 

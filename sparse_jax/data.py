@@ -34,8 +34,9 @@ import tqdm
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from sparse_jax.config import Config
-from sparse_jax.corpus import (Document, atomic_write, cached, fingerprint, load_corpus,
-                               resolve_cache_dir, split_documents)
+from sparse_jax.corpus import (Document, cached, fingerprint, load_corpus, resolve_cache_dir,
+                               split_documents)
+from sparse_jax.fileio import atomic_write
 
 EOT = "<|endoftext|>"
 # The authors' tinypython pre-tokenisation regex (PAPER.md §1, tiktoken_ext/tinypython.py).

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sparse_jax import model as model_lib
 from sparse_jax.config import CircuitConfig, ModelConfig
+from sparse_jax.fileio import atomic_write
 from sparse_jax.tasks import TaskArrays, contrast_loss, pair_logit_diff
 
 Means = Mapping[str, Any]  # site -> mean_C
@@ -97,16 +98,13 @@ def compute_means(params, cfg: ModelConfig, batches: Iterable[Any]) -> dict[str,
 
 
 def save_means(path: str, means: Means) -> None:
-  """Writes means to an .npz atomically (a temp file beside it, then os.replace)."""
+  """Writes means to an .npz atomically."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
+
+  def write(tmp):
     with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
       np.savez(f, **{site: np.asarray(v, np.float32) for site, v in means.items()})
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  atomic_write(path, write)
 
 
 def load_means(path: str, cfg: ModelConfig | None = None) -> dict[str, np.ndarray]:
@@ -118,15 +116,16 @@ def load_means(path: str, cfg: ModelConfig | None = None) -> dict[str, np.ndarra
   return means
 
 
-def cached_means(path: str, params, cfg: ModelConfig, batches: Iterable[Any]
+def cached_means(path: str, params, cfg: ModelConfig, batches: Callable[[], Iterable[Any]]
                  ) -> dict[str, np.ndarray]:
   """Loads the means at `path` (e.g. beside a checkpoint), or computes and saves them.
 
-  `batches` is only consumed when the file does not exist yet.
+  `batches()` gives the token batches (as for `compute_means`); it is only called when the
+  file does not exist yet, so loading the pretraining data is skipped when cached.
   """
   if os.path.exists(path):
     return load_means(path, cfg)
-  means = compute_means(params, cfg, batches)
+  means = compute_means(params, cfg, batches())
   save_means(path, means)
   return means
 

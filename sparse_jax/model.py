@@ -105,18 +105,22 @@ def abs_topk(x_xC: jax.Array, k: int) -> jax.Array:
   return jnp.where(keep_xC, x_xC, 0.0)
 
 
-def kth_largest_bits(bits_xC: jax.Array, k: jax.Array | int) -> jax.Array:
+def kth_largest_bits(bits_xC: jax.Array, k: jax.Array | int,
+                     count_dtype=jnp.int32) -> jax.Array:
   """Largest t with count(bits >= t) >= k along the last axis (bits are non-negative int32).
 
   k may be traced (an int32 scalar or broadcastable array); returns shape [..., 1].
+  `count_dtype` float32 counts faster on CPU (it vectorises better) and is exact while the
+  last axis is shorter than 2**24.
   """
   lo = jnp.zeros(bits_xC.shape[:-1] + (1,), jnp.int32)  # count(bits >= lo) >= k holds
   hi = jnp.full_like(lo, jnp.iinfo(jnp.int32).max)  # treated as exclusive
+  k = jnp.asarray(k, count_dtype)
 
   def body(_, lo_hi):
     lo, hi = lo_hi
     mid = lo + (hi - lo) // 2
-    ok = jnp.sum(bits_xC >= mid, axis=-1, keepdims=True, dtype=jnp.int32) >= k
+    ok = jnp.sum(bits_xC >= mid, axis=-1, keepdims=True, dtype=count_dtype) >= k
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
   lo, _ = jax.lax.fori_loop(0, 31, body, (lo, hi))

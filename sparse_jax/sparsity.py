@@ -162,9 +162,8 @@ def topk_keep_mask(w: jax.Array, k: jax.Array, neuron_axis: int | None = None,
   if neuron_axis is not None and min_per_neuron > 0 and w.ndim == 2:
     bits = jnp.where(_protect_per_neuron(bits, neuron_axis, min_per_neuron), _PROTECTED, bits)
   flat = bits.reshape(-1)
-  # Counting in float32 vectorises better on CPU; exact while the count fits in 24 bits.
   count_dtype = jnp.float32 if flat.size < 2**24 else jnp.int32
-  thresh = _kth_largest_flat(flat, k, count_dtype)
+  thresh = kth_largest_bits(flat[None], k, count_dtype)[0, 0]
   above = flat > thresh
   n_above = jnp.sum(above, dtype=jnp.int32)
 
@@ -176,21 +175,6 @@ def topk_keep_mask(w: jax.Array, k: jax.Array, neuron_axis: int | None = None,
   # The cumsum is only needed when several entries tie at the threshold (e.g. exact zeros).
   keep = jax.lax.cond(n_at_or_above == k, lambda _: flat >= thresh, break_ties, None)
   return keep.reshape(w.shape)
-
-
-def _kth_largest_flat(flat: jax.Array, k: jax.Array, count_dtype) -> jax.Array:
-  if count_dtype == jnp.int32:
-    return kth_largest_bits(flat[None], k)[0, 0]
-  kf = jnp.asarray(k, jnp.float32)
-
-  def body(_, lo_hi):
-    lo, hi = lo_hi
-    mid = lo + (hi - lo) // 2
-    ok = jnp.sum((flat >= mid).astype(jnp.float32)) >= kf
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-  lo, _ = jax.lax.fori_loop(0, 31, body, (jnp.int32(0), jnp.int32(_INT32_MAX)))
-  return lo
 
 
 class ProjectState(NamedTuple):

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import data as data_lib
+from sparse_jax import fileio
 from sparse_jax import model as model_lib
 from sparse_jax import sparsity
 from sparse_jax import tasks as tasks_lib
@@ -120,7 +121,7 @@ class MetricsLog:
     if self.path.exists():
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      ckpt_lib.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+      fileio.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
     self._file = open(self.path, "a", encoding="utf-8")
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:

@@ -2,7 +2,6 @@
 end (files, fields, resuming without redoing finished points)."""
 
 import csv
-import dataclasses
 import json
 import math
 

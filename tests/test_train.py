@@ -16,8 +16,7 @@ import pytest
 
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import train as train_lib
-from sparse_jax.config import (Config, DataConfig, ModelConfig, OptimConfig, SparsityConfig,
-                               TrainConfig, apply_overrides)
+from sparse_jax.config import Config, apply_overrides
 
 # A tiny run on 60 generated documents; every test gets its own cache dir.
 TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_mlp=64",

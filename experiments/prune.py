@@ -24,7 +24,6 @@ from sparse_jax import circuits as circuits_lib
 from sparse_jax import data as data_lib
 from sparse_jax import fileio
 from sparse_jax import masks
-from sparse_jax import tasks as tasks_lib
 from sparse_jax.config import CircuitConfig, apply_overrides
 
 
@@ -37,9 +36,8 @@ def prune(workdir: str | Path, *, task_names: list[str] | None = None,
   ccfg = circuit_cfg or cfg.circuit
   out = Path(out) if out is not None else workdir / "circuits"
   tokenizer = data_lib.load_tokenizer(workdir)
-  taskset = tasks_lib.build_taskset(
-      tokenizer, task_names, n_train=ccfg.n_train_pairs, n_heldout=ccfg.n_heldout_pairs,
-      seed=ccfg.seed, max_len=min(128, cfg.model.block_size))
+  taskset = circuits_lib.circuit_taskset(tokenizer, task_names, ccfg,
+                                         max_len=min(128, cfg.model.block_size))
 
   def val_batches():  # inputs only: each batch holds seq_len + 1 tokens
     dataset = data_lib.prepare_data(cfg)
@@ -54,8 +52,10 @@ def prune(workdir: str | Path, *, task_names: list[str] | None = None,
       "circuit_config": dataclasses.asdict(ccfg), "unavailable": taskset.unavailable,
       "tasks": {c.task: {"solvable": c.solvable, "reason": c.reason, "n_nodes": c.n_nodes,
                          "edges": c.edges.get("total") if c.edges else None,
-                         "loss_full": c.loss_full, "loss_before": c.loss_before,
-                         "loss_after": c.loss_after} for c in found}}
+                         "qk_pairs": c.qk_pairs, "loss_full": c.loss_full,
+                         "loss_before": c.loss_before, "loss_after": c.loss_after,
+                         "meets_target_test": c.sufficiency.get("meets_target_test")}
+                for c in found}}
   fileio.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
   return summary
 
@@ -88,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"{'task':32s} {'solved':>6s} {'nodes':>6s} {'edges':>7s} {'loss':>7s}")
+  # loss: the circuit's calibrated test loss (the unablated model's when unsolvable);
+  # test: whether the circuit meets the target on the test pairs.
+  print(f"{'task':32s} {'solved':>6s} {'nodes':>6s} {'edges':>7s} {'qk':>4s} {'loss':>7s} "
+        f"{'test':>5s}")
   for name, t in summary["tasks"].items():
-    loss = t["loss_before"] if t["solvable"] else t["loss_full"]
+    loss = t["loss_after"] if t["loss_after"] is not None else t["loss_full"]
     print(f"{name:32s} {str(t['solvable']):>6s} {t['n_nodes'] or 0:6d} {t['edges'] or 0:7d} "
-          f"{loss:7.3f}")
+          f"{t['qk_pairs']:4d} {loss:7.3f} {str(t['meets_target_test'] or False):>5s}")
   for name, why in summary["unavailable"].items():
     print(f"{name:32s} unavailable: {why}")
   return 0

@@ -7,23 +7,25 @@ destination channels are both kept. Per layer i the rules are:
   attn.read_q   i.attn.act_in[c] -> i.attn.q[a]   if c_attn.w[c, a] != 0      (q slice)
   attn.read_k   i.attn.act_in[c] -> i.attn.k[a]   if c_attn.w[c, A + a] != 0  (k slice)
   attn.read_v   i.attn.act_in[c] -> i.attn.v[a]   if c_attn.w[c, 2A + a] != 0 (v slice)
-  attn.qk       i.attn.q[a] -- i.attn.k[a]        if both are kept: the q.k dot product
-                pairs channel a of q only with channel a of k (same head, same within-head
-                index); there is no weight here, but the pair is a connection the circuit
-                uses, so it counts (one edge per kept pair; paper fn 17 unties q and k)
   attn.v_write  i.attn.v[a] -> i.attn.resid_delta[d]  if attn c_proj.w[a, d] != 0
                 (v reaches the output projection through the attention mix of its own
                 head, which has no weights of its own)
   mlp.read_neuron   i.mlp.act_in[c] -> i.mlp.post_act[f]      if c_fc.w[c, f] != 0
   mlp.neuron_write  i.mlp.post_act[f] -> i.mlp.resid_delta[d] if mlp c_proj.w[f, d] != 0
 
-`total` sums these. Not in `total`, reported apart as `residual`: the identity connections
-of the residual stream, from a write node j.*.resid_delta[c] to every later read node
-i.*.act_in[c] of the same channel (a later layer, or the MLP read of the same layer after
-its attention write). They are not weights, and the paper counts nonzero weights, so they
-do not add to the circuit's size. Embedding and unembedding weights are not edges either:
-tokens and logits are not nodes. AbsTopK may silence a nonzero weight on a given input;
-edges count weights, not activity.
+`total` sums these. Not in `total`, and reported apart:
+
+- `qk_pairs` (`count_qk_pairs`): kept pairs i.attn.q[a] -- i.attn.k[a]. The q.k dot product
+  pairs channel a of q only with channel a of k (same head, same within-head index), so a
+  circuit that keeps both uses that product, but there is no weight between them: the paper
+  counts nonzero weights, so these pairs are not edges (q and k are untied nodes, fn 17).
+- `residual`: the identity connections of the residual stream, from a write node
+  j.*.resid_delta[c] to every later read node i.*.act_in[c] of the same channel (a later
+  layer, or the MLP read of the same layer after its attention write). They are not weights
+  either, so they do not add to the circuit's size.
+
+Embedding and unembedding weights are not edges either: tokens and logits are not nodes.
+AbsTopK may silence a nonzero weight on a given input; edges count weights, not activity.
 
 Everything here is numpy on the host (no jit): a circuit's kept channels index sub-blocks
 of each weight matrix and `np.count_nonzero` counts them, with no loop over channels.
@@ -31,6 +33,7 @@ of each weight matrix and `np.count_nonzero` counts them, with no loop over chan
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -38,9 +41,10 @@ import numpy as np
 from sparse_jax.config import ModelConfig
 from sparse_jax.model import node_sites
 
-EDGE_KINDS = ("attn.read_q", "attn.read_k", "attn.read_v", "attn.qk", "attn.v_write",
+EDGE_KINDS = ("attn.read_q", "attn.read_k", "attn.read_v", "attn.v_write",
               "mlp.read_neuron", "mlp.neuron_write")
-# (kind, src site, src channel, dst site, dst channel, weight); weight is None for qk pairs.
+QK_KIND = "attn.qk"  # the kind of a q-k pair in `list_edges` (not an edge kind)
+# (kind, src site, src channel, dst site, dst channel, weight); weight is None for q-k pairs.
 Edge = tuple[str, str, int, str, int, float | None]
 
 
@@ -70,9 +74,6 @@ def _weight_blocks(keep: Mapping[str, np.ndarray], params: Any, cfg: ModelConfig
       dst = ids(f"attn.{name}")
       yield (f"attn.read_{name}", site("attn.act_in"), read, site(f"attn.{name}"), dst,
              w_Dx3A[np.ix_(read, j * A + dst)])
-    q, k = ids("attn.q"), ids("attn.k")
-    yield ("attn.qk", site("attn.q"), q, site("attn.k"), k,
-           (q[:, None] == k[None, :]).astype(np.float32))
     v, write = ids("attn.v"), ids("attn.resid_delta")
     yield ("attn.v_write", site("attn.v"), v, site("attn.resid_delta"), write,
            np.asarray(p["attn"]["c_proj"]["w"])[np.ix_(v, write)])
@@ -81,6 +82,14 @@ def _weight_blocks(keep: Mapping[str, np.ndarray], params: Any, cfg: ModelConfig
            np.asarray(p["mlp"]["c_fc"]["w"])[np.ix_(read, neuron)])
     yield ("mlp.neuron_write", site("mlp.post_act"), neuron, site("mlp.resid_delta"), write,
            np.asarray(p["mlp"]["c_proj"]["w"])[np.ix_(neuron, write)])
+
+
+def _qk_blocks(keep: Mapping[str, np.ndarray], n_layer: int):
+  """(QK_KIND, q site, q ids, k site, k ids, 1 where q and k are the same channel)."""
+  for i in range(n_layer):
+    q, k = np.flatnonzero(keep[f"{i}.attn.q"]), np.flatnonzero(keep[f"{i}.attn.k"])
+    yield (QK_KIND, f"{i}.attn.q", q, f"{i}.attn.k", k,
+           (q[:, None] == k[None, :]).astype(np.float32))
 
 
 def _residual_pairs(keep: Mapping[str, np.ndarray], n_layer: int):
@@ -105,8 +114,9 @@ def count_edges(nodes: Mapping[str, Sequence[int]], params: Any, cfg: ModelConfi
     cfg: the model config.
 
   Returns:
-    {"total": weight edges incl. qk pairs, one count per EDGE_KINDS entry,
-     "residual": identity residual-stream connections (not in total)}.
+    {"total": weight edges, one count per EDGE_KINDS entry,
+     "residual": identity residual-stream connections (not in total)}; q-k pairs are
+    counted by `count_qk_pairs`, not here.
   """
   keep = keep_by_site(nodes, cfg)
   counts = dict.fromkeys(EDGE_KINDS, 0)
@@ -119,14 +129,22 @@ def count_edges(nodes: Mapping[str, Sequence[int]], params: Any, cfg: ModelConfi
           "residual": int(np.sum(reads_SxD * earlier_SxD))}
 
 
+def count_qk_pairs(nodes: Mapping[str, Sequence[int]], cfg: ModelConfig) -> int:
+  """Kept (q, k) channel pairs that meet in a q.k product; needs no weights (not edges)."""
+  keep = keep_by_site(nodes, cfg)
+  return sum(int(np.count_nonzero(m)) for *_, m in _qk_blocks(keep, cfg.n_layer))
+
+
 def list_edges(nodes: Mapping[str, Sequence[int]], params: Any, cfg: ModelConfig
                ) -> list[Edge]:
-  """Every weight edge and qk pair of a circuit, largest |weight| first (qk pairs first)."""
+  """Every weight edge of a circuit, largest |weight| first, after its q-k pairs (kind
+  QK_KIND, weight None: listed for drawing, not counted as edges)."""
   keep = keep_by_site(nodes, cfg)
   out = []
-  for kind, src_site, src, dst_site, dst, w in _weight_blocks(keep, params, cfg):
+  for kind, src_site, src, dst_site, dst, w in itertools.chain(
+      _qk_blocks(keep, cfg.n_layer), _weight_blocks(keep, params, cfg)):
     r, c = np.nonzero(w)
-    weights = [None] * len(r) if kind == "attn.qk" else w[r, c].tolist()
+    weights = [None] * len(r) if kind == QK_KIND else w[r, c].tolist()
     out.extend(zip([kind] * len(r), [src_site] * len(r), src[r].tolist(), [dst_site] * len(r),
                    dst[c].tolist(), weights))
   return sorted(out, key=lambda e: -np.inf if e[5] is None else -abs(e[5]))

@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 from matplotlib.lines import Line2D  # pylint: disable=wrong-import-position
 
-from sparse_jax.edges import residual_edges  # pylint: disable=wrong-import-position
+from sparse_jax.edges import QK_KIND, residual_edges  # pylint: disable=wrong-import-position
 
 # Rows within a layer, bottom to top, and what each node is called and coloured.
 _ROWS = (("attn.act_in",), ("attn.q", "attn.k", "attn.v"), ("attn.resid_delta",),
@@ -75,12 +75,13 @@ def plot_circuit(circuit, path: str, *, max_edges: int = 300) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return
-  head = (f"{circuit.task}: {circuit.n_nodes} nodes, {circuit.edges['total']} edges, held-out "
+  head = (f"{circuit.task}: {circuit.n_nodes} nodes, {circuit.edges['total']} edges, test "
           f"loss {circuit.loss_before:.3g} (calibrated {circuit.loss_after:.3g}), target "
           f"{circuit.target}")
   # The edge list is sorted by |weight| (and may be truncated in JSON): draw its head.
-  drawn = [e for e in circuit.edge_list if e[0] != "attn.qk"][:max_edges]
-  n_weighted = circuit.edges["total"] - circuit.edges["attn.qk"]
+  drawn = [e for e in circuit.edge_list if e[0] != QK_KIND][:max_edges]
+  # Circuit JSON written before q-k pairs left the edge count had them in "total".
+  n_weighted = circuit.edges["total"] - circuit.edges.get(QK_KIND, 0)
   resid = residual_edges(nodes, n_layer=1 + max((int(s.split(".")[0]) for s in nodes), default=0))
   if len(drawn) < n_weighted or len(resid) > max_edges:
     head += (f"\nshowing the {len(drawn)} largest-|w| of {n_weighted} weight edges and "
@@ -95,7 +96,7 @@ def plot_circuit(circuit, path: str, *, max_edges: int = 300) -> None:
   for write, read, ch in resid[:max_edges]:
     line((write, ch), (read, ch), rad=0.15, color="0.6", lw=0.6, ls=":")
   for kind, src, s_ch, dst, d_ch, _ in circuit.edge_list:
-    if kind == "attn.qk":
+    if kind == QK_KIND:
       line((src, s_ch), (dst, d_ch), rad=-0.5, color="0.45", lw=1.0)
   for _, src, s_ch, dst, d_ch, w in drawn:
     line((src, s_ch), (dst, d_ch), color="#2166ac" if w > 0 else "#b2182b",

@@ -16,7 +16,7 @@ import pytest
 from sparse_jax import circuits, edges, masks, viz
 from sparse_jax import model as model_lib
 from sparse_jax.config import CircuitConfig, ModelConfig
-from sparse_jax.tasks import TaskArrays, TaskSet, task_metrics
+from sparse_jax.tasks import TaskArrays, TaskSet, contrast_loss, pair_logit_diff
 
 # Planted task: does the sequence start with A or B? The last token Q asks; A -> TOK, B -> ALT.
 A_TOK, B_TOK, Q_TOK, TOK, ALT = 1, 2, 3, 10, 11
@@ -29,10 +29,13 @@ PLANTED = {"0.attn.act_in": [0, 4, 5], "0.attn.q": [0], "0.attn.k": [0], "0.attn
            "0.attn.resid_delta": [2], "0.mlp.act_in": [2], "0.mlp.post_act": [0, 1],
            "0.mlp.resid_delta": [3]}
 # By hand: r5->q0, r4->k0, r0->v1, q0-k0, v1->w2, r2->n0, r2->n1, n0->w3, n1->w3.
-PLANTED_EDGES = {"total": 9, "attn.read_q": 1, "attn.read_k": 1, "attn.read_v": 1,
-                 "attn.qk": 1, "attn.v_write": 1, "mlp.read_neuron": 2, "mlp.neuron_write": 2,
+# The q0-k0 pair is no weight: not an edge (edges.count_qk_pairs counts it).
+PLANTED_EDGES = {"total": 8, "attn.read_q": 1, "attn.read_k": 1, "attn.read_v": 1,
+                 "attn.v_write": 1, "mlp.read_neuron": 2, "mlp.neuron_write": 2,
                  "residual": 1}  # attention write ch 2 -> MLP read ch 2 (not in total)
-FAST = CircuitConfig(steps=200, batch_size=16)  # Table 2 centres, fewer steps
+# Table 2 centres, fewer steps; 64 train, 32 selection and 32 test pairs per task.
+FAST = CircuitConfig(steps=200, batch_size=16, n_train_pairs=64, n_select_pairs=32,
+                     n_heldout_pairs=32)
 
 
 def planted_model():
@@ -80,12 +83,15 @@ def planted_pairs(n, seed, tok=TOK, alt=ALT) -> TaskArrays:
 
 
 def planted_taskset(three: bool = False) -> TaskSet:
-  """planted, impossible (12 vs 13: the model cannot), optionally planted again (new pairs)."""
+  """planted, impossible (12 vs 13: the model cannot), optionally planted again (new pairs).
+
+  Held-out pairs: 32 selection pairs (seed 1), then 32 test pairs (seed 2)."""
   specs = [("planted", TOK, ALT, 0), ("impossible", 12, 13, 0)]
   specs += [("planted_again", TOK, ALT, 10)] * three
   stack = lambda seed, n: jax.tree.map(
       lambda *x: jnp.stack(x), *[planted_pairs(n, seed + s, t, a) for _, t, a, s in specs])
-  return TaskSet(tuple(spec[0] for spec in specs), stack(0, 64), stack(1, 32))
+  heldout = jax.tree.map(lambda a, b: jnp.concatenate([a, b], 1), stack(1, 32), stack(2, 32))
+  return TaskSet(tuple(spec[0] for spec in specs), stack(0, 64), heldout)
 
 
 def pretrain_batches(n=4, seed=1):
@@ -116,16 +122,60 @@ def planted_result():
   return run_planted()
 
 
+# Under the calibrated score (the default) the -x neuron is not needed: with it mean-ablated,
+# side B's logit difference is a constant instead of -x, and the fitted shift recovers the
+# task (raw test loss 0.30, calibrated ~0). Scored raw, every planted node is needed.
+PLANTED_CALIBRATED = {**PLANTED, "0.mlp.post_act": [0]}
+
+
 def test_planted_circuit_is_recovered(planted_result):
   c, = [c for c in planted_result if c.task == "planted"]
   assert c.solvable and c.loss_full < 0.01
-  assert c.nodes == PLANTED
-  assert c.n_nodes == 11
-  assert c.edges == PLANTED_EDGES
+  assert c.nodes == PLANTED_CALIBRATED and c.n_nodes == 10
+  assert c.edges == {**PLANTED_EDGES, "total": 6, "mlp.read_neuron": 1, "mlp.neuron_write": 1}
+  assert c.qk_pairs == 1
+  assert c.loss_after <= c.target < c.loss_before  # passes only as the paper scores it
+  assert c.sufficiency["meets_target_test"] and not c.sufficiency["meets_target_uncalibrated"]
+  assert c.sufficiency["select"]["meets_target"]
+  assert c.necessity["loss"] > 0.5  # ablating just these 10 nodes breaks the task
+  assert c.search["grid"][0]["n_nodes"] == 10
+
+
+def shifted_taskset() -> TaskSet:
+  """planted, and "shifted": its selection pairs are planted pairs, its test pairs want the
+  opposite answer (a distribution the selection pairs do not show)."""
+  join = lambda *parts: jax.tree.map(lambda *x: jnp.concatenate(x), *parts)
+  stack = lambda *tasks: jax.tree.map(lambda *x: jnp.stack(x), *tasks)
+  swapped = planted_pairs(32, 2, tok=ALT, alt=TOK)
+  return TaskSet(("planted", "shifted"), stack(planted_pairs(64, 0), planted_pairs(64, 0)),
+                 stack(join(planted_pairs(32, 1), planted_pairs(32, 2)),
+                       join(planted_pairs(32, 1), swapped)))
+
+
+@pytest.fixture(scope="module")
+def uncalibrated_result():
+  cfg, params, means = planted_setup()
+  ccfg = dataclasses.replace(FAST, calibrate=False)
+  return circuits.find_circuits(params, cfg, shifted_taskset(), means, ccfg, progress=False)
+
+
+def test_planted_circuit_is_recovered_exactly_when_scored_raw(uncalibrated_result):
+  c = uncalibrated_result[0]
+  assert c.nodes == PLANTED and c.n_nodes == 11 and c.edges == PLANTED_EDGES
   assert c.loss_before <= c.target and c.sufficiency["meets_target"]
   assert c.loss_after <= c.loss_before  # the scale + shift fit only helps here
-  assert c.necessity["loss"] > 0.5  # ablating just these 11 nodes breaks the task
-  assert c.search["grid"][0]["n_nodes"] == 11
+
+
+def test_sufficiency_on_the_test_pairs_can_fail(uncalibrated_result):
+  """Selected on pairs where it works, the circuit is reported failing on the test pairs."""
+  c = uncalibrated_result[1]
+  assert c.solvable and c.search["loss_full_select"] < 0.02  # solvability: selection pairs
+  assert c.loss_full > 3.0  # the unablated model on the (swapped) test pairs
+  assert c.nodes == PLANTED and c.sufficiency["select"]["meets_target"]
+  assert c.loss_before > 3.0 and not c.sufficiency["meets_target"]
+  assert not c.sufficiency["meets_target_test"]
+  point, = c.search["by_target"]
+  assert point["meets_target_select"] and not point["meets_target_test"]
 
 
 def test_extra_targets_give_a_size_curve():
@@ -137,18 +187,25 @@ def test_extra_targets_give_a_size_curve():
   assert curve[1]["n_nodes"] == c.n_nodes and curve[1]["edges"] == c.edges["total"]
   assert curve[0]["n_nodes"] >= curve[1]["n_nodes"] >= curve[2]["n_nodes"]
   assert curve[2]["n_nodes"] == 0  # loss 2.0 is met with every node ablated
-  assert all(p["loss"] <= p["target"] for p in curve)
+  assert all(p["loss"] <= p["target"] and p["meets_target_select"] for p in curve)
 
 
-def test_circuit_meets_target_on_heldout_pairs(planted_result):
-  """Recomputed independently: keep the circuit's nodes, mean-ablate the rest."""
+def test_circuit_is_scored_on_test_pairs_with_the_selection_fit(planted_result):
+  """Recomputed independently: keep the circuit's nodes, mean-ablate the rest; the scale and
+  shift are fitted on the selection pairs (seed 1) and applied to the test pairs (seed 2)."""
   c, = [c for c in planted_result if c.task == "planted"]
   cfg, params, means = planted_setup()
   keep = edges.keep_by_site(c.nodes, cfg)
   ablation = {site: (jnp.asarray(k, jnp.float32), means[site]) for site, k in keep.items()}
-  loss, acc = task_metrics(params, cfg, planted_pairs(32, 1), ablation=ablation)
-  assert float(loss) <= 0.15 and float(acc) == 1.0
-  np.testing.assert_allclose(float(loss), c.loss_before, rtol=1e-5)
+  d_select = pair_logit_diff(params, cfg, planted_pairs(32, 1), ablation=ablation)
+  # 16 copies: the shape of the search's own calls, so its compiled fit is reused.
+  a, b = np.asarray(circuits.fit_logit_scale_shift(jnp.stack([d_select] * 16),
+                                                   FAST.lbfgs_steps))[0]
+  np.testing.assert_allclose([a, b], [c.logit_scale, c.logit_shift], rtol=1e-4, atol=1e-5)
+  d_test = pair_logit_diff(params, cfg, planted_pairs(32, 2), ablation=ablation)
+  np.testing.assert_allclose(float(contrast_loss(d_test)[0]), c.loss_before, rtol=1e-5)
+  np.testing.assert_allclose(float(contrast_loss(a * d_test + b)[0]), c.loss_after,
+                             rtol=1e-3, atol=1e-7)
 
 
 def test_unsolvable_task_is_reported(planted_result):
@@ -177,7 +234,7 @@ def test_deterministic_for_a_seed_with_k_coef_grid():
   c = a[0]
   assert [g["k_coef"] for g in c.search["grid"]] == [1e-4, 3e-3]
   assert c.edges["total"] == min(g["edges"] for g in c.search["grid"])
-  assert c.loss_before <= c.target
+  assert c.loss_after <= c.target
 
 
 def test_all_ones_masks_equal_plain_forward(tiny_model_cfg):
@@ -233,9 +290,9 @@ def test_means_save_load(tmp_path, tiny_model_cfg):
 
 
 def _naive_count(nodes, params, cfg):
-  """Channel-by-channel loops over the rules in edges.py's docstring."""
+  """(edges, q-k pairs) by channel-by-channel loops over the rules in edges.py's docstring."""
   keep = edges.keep_by_site(nodes, cfg)
-  A, total = cfg.d_attn, 0
+  A, total, qk = cfg.d_attn, 0, 0
   for i in range(cfg.n_layer):
     b = jax.tree.map(np.asarray, params["blocks"][str(i)])
     k = lambda s: keep[f"{i}.{s}"]
@@ -248,8 +305,8 @@ def _naive_count(nodes, params, cfg):
       for r in range(w.shape[0]):
         for c in range(w.shape[1]):
           total += bool(k(src)[r] and k(dst)[c] and w[r, c] != 0)
-    total += sum(bool(k("attn.q")[a] and k("attn.k")[a]) for a in range(A))
-  return total
+    qk += sum(bool(k("attn.q")[a] and k("attn.k")[a]) for a in range(A))
+  return total, qk
 
 
 def test_edge_counts_against_loops_and_residual_rule(tiny_model_cfg):
@@ -261,9 +318,9 @@ def test_edge_counts_against_loops_and_residual_rule(tiny_model_cfg):
     r = np.random.default_rng(seed)
     nodes = {s: sorted(r.choice(w, r.integers(0, w // 2), replace=False).tolist())
              for s, w in model_lib.node_sites(cfg).items()}
-    counts = edges.count_edges(nodes, params, cfg)
-    assert counts["total"] == _naive_count(nodes, params, cfg)
-    assert len(edges.list_edges(nodes, params, cfg)) == counts["total"]
+    counts, qk = edges.count_edges(nodes, params, cfg), edges.count_qk_pairs(nodes, cfg)
+    assert (counts["total"], qk) == _naive_count(nodes, params, cfg)
+    assert len(edges.list_edges(nodes, params, cfg)) == counts["total"] + qk
   nodes = {"0.attn.resid_delta": [1, 2], "0.mlp.resid_delta": [2], "0.mlp.act_in": [2],
            "1.attn.act_in": [1, 2], "1.mlp.act_in": [2], "0.attn.act_in": [1, 2]}
   # w1@0.attn -> r1@1.attn; w2@0.attn -> r2@{0.mlp, 1.attn, 1.mlp}; w2@0.mlp -> r2@1.{attn, mlp}
@@ -279,9 +336,20 @@ def test_planted_edges_by_hand():
   # when write channel 6 is kept too; q1/k2 pair with nothing.
   more = {**PLANTED, "0.mlp.post_act": [0, 1, 5], "0.attn.q": [0, 1], "0.attn.k": [0, 2]}
   counts = edges.count_edges(more, params, cfg)
-  assert counts["mlp.read_neuron"] == 3 and counts["attn.qk"] == 1 and counts["total"] == 10
+  assert counts["mlp.read_neuron"] == 3 and counts["total"] == 9
+  assert edges.count_qk_pairs(more, cfg) == 1
   more["0.mlp.resid_delta"] = [3, 6]
-  assert edges.count_edges(more, params, cfg)["total"] == 11
+  assert edges.count_edges(more, params, cfg)["total"] == 10
+
+
+def test_qk_only_circuit_has_no_edges():
+  """A q.k product multiplies two kept channels but is no weight: zero edges, one q-k pair."""
+  cfg, params = planted_model()
+  nodes = {"0.attn.q": [0], "0.attn.k": [0]}
+  assert edges.count_edges(nodes, params, cfg)["total"] == 0
+  assert edges.count_qk_pairs(nodes, cfg) == 1
+  assert edges.list_edges(nodes, params, cfg) == [
+      (edges.QK_KIND, "0.attn.q", 0, "0.attn.k", 0, None)]  # listed for drawing only
 
 
 def test_bisect_k():

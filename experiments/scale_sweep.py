@@ -96,6 +96,7 @@ def point_row(point: sweep_lib.Point, out: Path) -> dict | None:
       else 1.0, "embed_density": cfg.sparsity.embed_density if cfg.sparsity.enabled else 1.0,
       "val_loss": val[-1] if val else math.nan, "tasks_available": len(summary["tasks"]),
       "tasks_solved": len(solved), "task_edges": {t: s["edges"] for t, s in solved.items()},
+      "task_meets_target_test": {t: s.get("meets_target_test") for t, s in solved.items()},
       "task_nodes": {t: s["n_nodes"] for t, s in solved.items()},
       "task_loss_full": {t: s["loss_full"] for t, s in summary["tasks"].items()},
       "size_vs_target": curves, "unavailable": summary["unavailable"],
@@ -115,7 +116,13 @@ def collect(sweep: sweep_lib.SweepConfig, out: Path, *, command: str) -> dict:
     r["geomean_edges"] = frontiers[primary][1][r["name"]]
     r["geomean_tasks"] = len(frontiers[primary][0])
     r["geomean_edges_by_target"] = {str(t): frontiers[t][1][r["name"]] for t in targets}
+    # The headline per model: over the paper tasks it solves, with how many it fails.
+    r["summary_by_target"] = {str(t): sweep_lib.model_summary(r, t) for t in targets}
+    r["geomean_edges_solved"] = r["summary_by_target"][str(primary)]["geomean_edges_solved"]
+    r["paper_tasks_failed"] = r["summary_by_target"][str(primary)]["n_failed"]
   results = {"rows": rows, "target": primary, "targets": targets,
+             "paper_tasks": list(sweep_lib.PAPER_TASKS),
+             "control_tasks": list(sweep_lib.CONTROL_TASKS),
              "shared_tasks": {str(t): f[0] for t, f in frontiers.items()},
              "matched_pairs": {str(t): p for t, p in pairs.items()}, "missing_points": missing}
   fileio.atomic_write_text(out / "results.json", json.dumps(results, indent=1))
@@ -127,7 +134,8 @@ def collect(sweep: sweep_lib.SweepConfig, out: Path, *, command: str) -> dict:
 
 _CSV_FIELDS = ("name", "width", "n_layer", "total_params", "sparsifiable_params", "l0_target",
                "l0", "weight_density", "embed_density", "val_loss", "tasks_available",
-               "tasks_solved", "geomean_edges", "geomean_tasks")
+               "tasks_solved", "geomean_edges", "geomean_tasks", "geomean_edges_solved",
+               "paper_tasks_failed")
 
 
 def _write_csv(rows: list[dict], targets: list[float], path: Path) -> None:

@@ -12,15 +12,11 @@ from sparse_jax import viz
 
 
 def size_vs_target(row: dict, other: dict) -> list[tuple[float, float, int]]:
-  """[(target, geomean edges of `row` over tasks both rows meet at that target, n_tasks)]."""
-  targets = sorted({p["target"] for c in row["size_vs_target"].values() for p in c})
+  """[(target, geomean edges of `row` over paper tasks both rows solve there, n_tasks)]."""
   out = []
-  for t in targets:
-    mine = {task: p["edges"] for task, c in row["size_vs_target"].items() for p in c
-            if p["target"] == t}
-    theirs = {task for task, c in other["size_vs_target"].items() for p in c
-              if p["target"] == t}
-    shared = sorted(set(mine) & theirs)
+  for t in sweep_lib.targets_of([row]):
+    mine, theirs = sweep_lib.edges_at(row, t), sweep_lib.edges_at(other, t)
+    shared = sorted(set(mine) & set(theirs))
     if shared:
       out.append((t, sweep_lib.geomean([mine[task] for task in shared]), len(shared)))
   return out
@@ -84,27 +80,46 @@ def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing:
       f"{base.train.steps} steps of {base.train.batch_size} x {base.train.seq_len} tokens "
       f"({base.train.steps * base.train.batch_size * base.train.seq_len / 1e6:.1f}M tokens) "
       "per model",
-      f"- circuits: target held-out task loss {primary} (per-sequence mean contrast loss; "
-      f"also measured at {[t for t in targets if t != primary]}), {base.circuit.steps} mask "
+      f"- circuits: target task loss {primary} (also measured at "
+      f"{[t for t in targets if t != primary]}), {base.circuit.steps} mask "
       f"steps of {base.circuit.batch_size} pairs, lr {base.circuit.lr}, k_coef "
-      f"{_k_coefs(base.circuit)}",
+      f"{_k_coefs(base.circuit)}; pairs per task: {base.circuit.n_train_pairs} train, "
+      f"{base.circuit.n_select_pairs} selection (k, k_coef, logit scale + shift), "
+      f"{base.circuit.n_heldout_pairs} test (every reported loss and check); circuits are "
+      f"scored {'after' if base.circuit.calibrate else 'without'} the logit scale + shift fit",
+      "- every target is the per-sequence mean contrast loss; the authors store the pair sum, "
+      "twice as large, so target t here is 2t in their reading: "
+      + ", ".join(f"{t} here = {2 * t:g} pair sum" for t in targets),
+      f"- geometric means run over the paper's {len(sweep_lib.PAPER_TASKS)} tasks only "
+      f"({', '.join(sweep_lib.CONTROL_TASKS)}: a control, reported apart); a task is solved "
+      "when its circuit also meets the target on the test pairs",
       "- L0 counts nonzero weight matrices, embeddings, unembedding and biases (not norms or "
       "the dense bigram table)", ""]
   if missing:
     lines += [f"**Unfinished points (not in the tables):** {', '.join(missing)}", ""]
+  control = ", ".join(sweep_lib.CONTROL_TASKS)
   lines += ["## Models", "",
-            "| model | width | params | L0 | val loss | tasks solved | "
-            + " | ".join(f"geomean edges @{t}" for t in targets) + " |",
-            "|---|---|---|---|---|---|" + "---|" * len(targets)]
+            f"Per model at the primary target {primary}: the geometric mean of circuit edges "
+            f"over the paper tasks it solves, how many of the {len(sweep_lib.PAPER_TASKS)} "
+            f"it fails, and the control ({control}) apart; then, per target, the geometric "
+            "mean over the tasks every model solves.", "",
+            "| model | width | params | L0 | val loss | tasks solved | geomean edges "
+            f"(solved) @{primary} | failed @{primary} | {control} edges @{primary} | "
+            + " | ".join(f"shared geomean @{t}" for t in targets) + " |",
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(targets)]
   for r in rows:
+    m = sweep_lib.model_summary(r, primary)
+    controls = ", ".join(_fmt(v, "d") for v in m["controls"].values())
     lines.append(f"| {r['name']} | {r['width']} | {r['total_params']:,} | {r['l0']:,} | "
                  f"{r['val_loss']:.3f} | {r['tasks_solved']}/{r['tasks_available']} | "
+                 f"{_fmt(m['geomean_edges_solved'], '.0f')} | {m['n_failed']}/{m['n_tasks']} "
+                 f"| {controls} | "
                  + " | ".join(_fmt(frontiers[t][1][r["name"]], ".0f") for t in targets) + " |")
   lines.append("")
   for t in targets:
     shared = frontiers[t][0]
-    lines.append(f"- @{t}: geometric mean over the {len(shared)} tasks every model meets: "
-                 f"{', '.join(shared) or 'none'}")
+    lines.append(f"- @{t}: geometric mean over the {len(shared)} paper tasks every model "
+                 f"solves: {', '.join(shared) or 'none'}")
   lines += ["", "## Dense vs sparse at matched pretraining loss", ""]
   best = headline(pairs, primary)
   if best is None:
@@ -115,27 +130,32 @@ def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing:
     lines += [
         "Each sparse model is matched with the dense model closest in validation loss; the "
         "ratio is the dense model's geometric-mean circuit edges over the sparse model's, over "
-        "the tasks both meet at the target. The headline is the closest-matched pair.", "",
+        "the paper tasks both solve at the target (their number is given; the failed columns "
+        f"count the tasks of the {len(sweep_lib.PAPER_TASKS)} each model fails). The headline "
+        "is the closest-matched pair.", "",
         "**Headline: dense/sparse circuit size = "
         f"{_fmt(best['ratio_dense_over_sparse'], '.1f')}x** ({best['dense']} vs "
         f"{best['sparse']}, val loss {best['val_loss_dense']:.3f} vs "
-        f"{best['val_loss_sparse']:.3f}, {len(best['shared_tasks'])} shared tasks: "
-        f"{', '.join(best['shared_tasks'])}){at}.", "",
-        "| target | sparse | dense | val loss gap | shared tasks | edges sparse | edges dense "
-        "| ratio |", "|---|---|---|---|---|---|---|---|"]
+        f"{best['val_loss_sparse']:.3f}, over the {len(best['shared_tasks'])} tasks both "
+        f"solve: {', '.join(best['shared_tasks'])}){at}.", "",
+        "| target | sparse | dense | val loss gap | shared tasks | failed sparse | failed dense "
+        "| edges sparse | edges dense | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in targets:
       for p in pairs[t]:
         lines.append(f"| {t} | {p['sparse']} | {p['dense']} | {p['loss_gap']:.3f} | "
-                     f"{len(p['shared_tasks'])} | {_fmt(p['geomean_edges_sparse'], '.0f')} | "
+                     f"{len(p['shared_tasks'])} | {p['n_failed_sparse']} | "
+                     f"{p['n_failed_dense']} | {_fmt(p['geomean_edges_sparse'], '.0f')} | "
                      f"{_fmt(p['geomean_edges_dense'], '.0f')} | "
                      f"{_fmt(p['ratio_dense_over_sparse'], '.1f')} |")
   tasks = sorted({t for r in rows for t in r["task_loss_full"]})
-  lines += ["", f"## Per-task circuit edges at {primary} (blank: the full model misses the "
-            "target; in brackets: its held-out loss)", "",
+  lines += ["", f"## Per-task circuit edges at {primary} (in brackets: the full model "
+            "misses the target, with its test loss; *: the circuit misses it on the test "
+            "pairs)", "",
             "| task | " + " | ".join(r["name"] for r in rows) + " |",
             "|---|" + "---|" * len(rows)]
   for t in tasks:
-    cells = [str(r["task_edges"][t]) if t in r["task_edges"]
+    fails = lambda r: r.get("task_meets_target_test", {}).get(t) is False
+    cells = [f"{r['task_edges'][t]}{'*' * fails(r)}" if t in r["task_edges"]
              else f"({r['task_loss_full'][t]:.2f})" for r in rows]
     lines.append(f"| {t} | " + " | ".join(cells) + " |")
   unavailable = rows[0]["unavailable"] if rows else {}

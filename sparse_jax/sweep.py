@@ -10,6 +10,14 @@ as in the paper's L0 values. A target L0 is split as in the authors' script: wit
 e = width / base_width, weight matrices keep a fraction rho and embeddings and biases keep
 min(1, e * rho) (the script's pfrac/e^2 and pfrac/e), so nonzeros per matrix stay roughly
 constant as the model widens.
+
+Aggregation (PAPER.md §4 "Metric"): the headline is the geometric mean of circuit edges
+over the paper's fixed 20 tasks (`PAPER_TASKS`) at one target; `induction` is a control,
+reported apart and never in a mean. A task counts as solved at a target when its circuit
+was found there and also meets the target on the untouched test pairs. A model that fails
+tasks does not silently shrink the task set: `model_summary` gives the geometric mean over
+the tasks it solves *and* how many of the 20 it fails, and `matched_pairs` compares a
+dense and a sparse model over the tasks both solve, with their number.
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ import numpy as np
 from sparse_jax import model as model_lib
 from sparse_jax import sparsity
 from sparse_jax.config import Config, SparsityConfig
+from sparse_jax.task_generators import TASKS
+
+CONTROL_TASKS = ("induction",)  # controls: reported apart, in no geometric mean
+PAPER_TASKS = tuple(t for t in TASKS if t not in CONTROL_TASKS)  # the paper's fixed 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,10 +145,26 @@ def geomean(values: Sequence[float]) -> float:
   return float(math.exp(np.mean(np.log(np.maximum(values, 1)))))
 
 
-def edges_at(row: dict[str, Any], target: float) -> dict[str, int]:
-  """{task: circuit edges} for every task the row's model meets at `target`."""
+def edges_at(row: dict[str, Any], target: float, tasks: Sequence[str] | None = PAPER_TASKS
+             ) -> dict[str, int]:
+  """{task: circuit edges} for every task of `tasks` (None: all) the row's model solves at
+  `target`: a circuit was found, and it meets the target on the test pairs (curves written
+  before the test split have no such check and count as meeting it)."""
   return {task: p["edges"] for task, curve in row["size_vs_target"].items() for p in curve
-          if p["target"] == target}
+          if p["target"] == target and p.get("meets_target_test", True)
+          and (tasks is None or task in tasks)}
+
+
+def model_summary(row: dict[str, Any], target: float) -> dict[str, Any]:
+  """One model at one target: geometric-mean edges over the paper tasks it solves, how many
+  of the 20 it fails (unsolvable, unavailable, or failing on the test pairs), and the
+  control tasks' edges (None where not solved)."""
+  solved = edges_at(row, target)
+  controls = edges_at(row, target, CONTROL_TASKS)
+  return {"target": target, "n_tasks": len(PAPER_TASKS), "n_solved": len(solved),
+          "n_failed": len(PAPER_TASKS) - len(solved),
+          "geomean_edges_solved": geomean(list(solved.values())),
+          "controls": {t: controls.get(t) for t in CONTROL_TASKS}}
 
 
 def targets_of(rows: Sequence[dict[str, Any]]) -> list[float]:
@@ -144,7 +172,7 @@ def targets_of(rows: Sequence[dict[str, Any]]) -> list[float]:
 
 
 def frontier(rows: Sequence[dict[str, Any]], target: float) -> tuple[list[str], dict[str, float]]:
-  """(tasks every model meets at target, {model: geometric-mean edges over those tasks}):
+  """(paper tasks every model solves at target, {model: geometric-mean edges over them}):
   the y axis of the paper's Fig 3, whose geometric mean runs over shared tasks."""
   per_row = [edges_at(r, target) for r in rows]
   shared = sorted(set.intersection(*(set(e) for e in per_row))) if rows else []
@@ -153,8 +181,8 @@ def frontier(rows: Sequence[dict[str, Any]], target: float) -> tuple[list[str], 
 
 def matched_pairs(rows: Sequence[dict[str, Any]], target: float) -> list[dict[str, Any]]:
   """For each sparse model, the dense model nearest in validation loss, and the
-  dense/sparse ratio of geometric-mean edges over the tasks both meet at `target`.
-  Sorted by the validation-loss gap, closest match first."""
+  dense/sparse ratio of geometric-mean edges over the paper tasks both solve at `target`
+  (`shared_tasks`; `n_shared` of them). Sorted by the validation-loss gap, closest first."""
   dense = [r for r in rows if r["l0_target"] is None]
   out = []
   for s in (r for r in rows if r["l0_target"] is not None):
@@ -168,6 +196,8 @@ def matched_pairs(rows: Sequence[dict[str, Any]], target: float) -> list[dict[st
     out.append({"target": target, "sparse": s["name"], "dense": d["name"],
                 "val_loss_sparse": s["val_loss"], "val_loss_dense": d["val_loss"],
                 "loss_gap": abs(s["val_loss"] - d["val_loss"]), "shared_tasks": shared,
+                "n_shared": len(shared), "n_failed_sparse": len(PAPER_TASKS) - len(e_s),
+                "n_failed_dense": len(PAPER_TASKS) - len(e_d),
                 "geomean_edges_sparse": ge_s, "geomean_edges_dense": ge_d,
                 "ratio_dense_over_sparse": ge_d / ge_s if shared else math.nan})
   return sorted(out, key=lambda p: p["loss_gap"])

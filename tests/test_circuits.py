@@ -178,6 +178,13 @@ def test_sufficiency_on_the_test_pairs_can_fail(uncalibrated_result):
   assert point["meets_target_select"] and not point["meets_target_test"]
 
 
+def test_split_sizes_must_match_the_config():
+  cfg, params, means = planted_setup()
+  ccfg = dataclasses.replace(FAST, n_select_pairs=16)  # 16 + 32 != the 64 held-out pairs
+  with pytest.raises(ValueError, match=r"64 pairs per task, but circuit.n_select_pairs"):
+    circuits.find_circuits(params, cfg, planted_taskset(), means, ccfg, progress=False)
+
+
 def test_extra_targets_give_a_size_curve():
   """Looser targets need no more nodes; the primary target's entry is the circuit itself."""
   ccfg = dataclasses.replace(FAST, extra_targets=(2.0, 0.01))

@@ -172,6 +172,8 @@ def test_invalid_model_configs(field, value, match):
     (config_lib.OptimConfig, {"lr": -1.0}, "optim.lr"),
     (config_lib.TrainConfig, {"batch_size": 0}, "train.batch_size"),
     (config_lib.CircuitConfig, {"target_loss": 0.0}, "circuit.target_loss"),
+    (config_lib.CircuitConfig, {"n_select_pairs": 0}, "circuit.n_select_pairs"),
+    (config_lib.CircuitConfig, {"calibrate": "yes"}, "circuit.calibrate"),
 ])
 def test_invalid_section_configs(section, kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -47,30 +47,52 @@ def test_l0_targets_become_densities_with_the_papers_split():
     assert p.config.model.d_mlp == 4 * p.width and p.config.model.n_head == p.width // 16
 
 
-def _row(name, l0, val, edges_by_target):
+def _row(name, l0, val, edges_by_target, failing_test=()):
   curves = {}
   for target, edges in edges_by_target.items():
     for task, e in edges.items():
-      curves.setdefault(task, []).append({"target": target, "edges": e})
+      curves.setdefault(task, []).append({"target": target, "edges": e,
+                                          "meets_target_test": task not in failing_test})
   return {"name": name, "l0_target": l0, "val_loss": val, "size_vs_target": curves}
 
 
+A, B, C = "else_elif", "var_if", "for_while"  # three of the paper's 20 tasks
+
+
 def test_frontier_and_matched_pairs():
-  rows = [_row("dA", None, 3.0, {0.15: {"a": 100, "b": 400}, 0.3: {"a": 50, "b": 100}}),
-          _row("dB", None, 2.5, {0.15: {"a": 50, "b": 200}}),
-          _row("s1", 10, 2.9, {0.15: {"a": 10, "b": 40, "c": 7}, 0.3: {"a": 0, "c": 1}})]
+  rows = [_row("dA", None, 3.0, {0.15: {A: 100, B: 400}, 0.3: {A: 50, B: 100}}),
+          _row("dB", None, 2.5, {0.15: {A: 50, B: 200}}),
+          _row("s1", 10, 2.9, {0.15: {A: 10, B: 40, C: 7}, 0.3: {A: 0, C: 1}})]
   assert sweep_lib.targets_of(rows) == [0.15, 0.3]
   shared, geo = sweep_lib.frontier(rows, 0.15)
-  assert shared == ["a", "b"]
+  assert shared == [A, B]
   assert geo["dA"] == pytest.approx(200.0) and geo["s1"] == pytest.approx(20.0)
   assert sweep_lib.frontier(rows, 0.3)[0] == []  # dB meets nothing at 0.3
   pair, = sweep_lib.matched_pairs(rows, 0.15)
   assert pair["dense"] == "dA" and pair["loss_gap"] == pytest.approx(0.1)
-  assert pair["ratio_dense_over_sparse"] == pytest.approx(10.0)
+  assert pair["ratio_dense_over_sparse"] == pytest.approx(10.0) and pair["n_shared"] == 2
+  assert (pair["n_failed_sparse"], pair["n_failed_dense"]) == (17, 18)
   pair, = sweep_lib.matched_pairs(rows, 0.3)
-  assert pair["shared_tasks"] == ["a"]  # an empty circuit counts as one edge
+  assert pair["shared_tasks"] == [A]  # an empty circuit counts as one edge
   assert pair["ratio_dense_over_sparse"] == pytest.approx(50.0)
   assert math.isnan(sweep_lib.geomean([]))
+
+
+def test_headline_excludes_induction_and_counts_failures():
+  """The geometric mean runs over the paper's 20 tasks a model solves; induction (a control)
+  and user task files stay out, a circuit failing its test pairs counts as a failure."""
+  assert len(sweep_lib.PAPER_TASKS) == 20 and "induction" not in sweep_lib.PAPER_TASKS
+  row = _row("s", 10, 3.0, {0.15: {A: 10, B: 1000, C: 5, "induction": 100_000,
+                                   "file:mine.jsonl": 3}}, failing_test=(C,))
+  summary = sweep_lib.model_summary(row, 0.15)
+  assert summary["geomean_edges_solved"] == pytest.approx(100.0)  # A and B only
+  assert (summary["n_solved"], summary["n_failed"]) == (2, 18)
+  assert summary["controls"] == {"induction": 100_000}
+  assert sweep_lib.frontier([row], 0.15) == ([A, B], {"s": pytest.approx(100.0)})
+  dense = _row("d", None, 3.0, {0.15: {A: 40, C: 50, "induction": 1}})
+  pair, = sweep_lib.matched_pairs([dense, row], 0.15)
+  assert pair["shared_tasks"] == [A] and pair["ratio_dense_over_sparse"] == pytest.approx(4.0)
+  assert sweep_lib.model_summary(row, 0.3)["n_failed"] == 20  # no circuit at 0.3
 
 
 def _mtimes(path):

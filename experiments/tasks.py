@@ -46,6 +46,11 @@ def _pieces(tokenizer, ids) -> str:
   return "[" + ", ".join(repr(tokenizer.decode([i])) for i in ids) + "]"
 
 
+def _alt_text(tokenizer, alt: int | None) -> str:
+  """How a candidate id reads; None is "X vs not-X" (anything but tok)."""
+  return "not tok" if alt is None else repr(tokenizer.decode([alt]))
+
+
 def list_tasks(tokenizer, *, seed: int = 0, n: int = 32, max_len: int = 128) -> str:
   """One line per built-in task: availability for this tokenizer, candidates, description."""
   lines = []
@@ -55,9 +60,9 @@ def list_tasks(tokenizer, *, seed: int = 0, n: int = 32, max_len: int = 128) -> 
     except tasks.TaskUnavailable as e:
       lines.append(f"{name:28s} UNAVAILABLE  {e}")
       continue
-    cands = dict.fromkeys((tokenizer.decode([e.tok]), tokenizer.decode([e.alt]))
+    cands = dict.fromkeys((repr(tokenizer.decode([e.tok])), _alt_text(tokenizer, e.alt))
                           for _, e in samples)
-    shown = ", ".join(f"{t!r}/{a!r}" for t, a in list(cands)[:2])
+    shown = ", ".join(f"{t}/{a}" for t, a in list(cands)[:2])
     more = f" (+{len(cands) - 2} more)" if len(cands) > 2 else ""
     rejected = sum(stats["rejected"].values())
     lines.append(f"{name:28s} ok  {shown}{more}; {rejected} of {stats['attempts']} samples "
@@ -84,7 +89,7 @@ def show_task(tokenizer, name: str, *, n: int = 3, seed: int = 0, max_len: int =
     out.append(f"    A last tokens: {_pieces(tokenizer, enc.seq_a[-8:])}")
     out.append(f"    B last tokens: {_pieces(tokenizer, enc.seq_b[-8:])}")
     out.append(f"    tok {pair.tok!r} -> {tokenizer.decode([enc.tok])!r} (id {enc.tok});  "
-               f"alt {pair.alt!r} -> {tokenizer.decode([enc.alt])!r} (id {enc.alt})")
+               f"alt {pair.alt!r} -> {_alt_text(tokenizer, enc.alt)} (id {enc.alt})")
   return "\n".join(out)
 
 

@@ -94,7 +94,8 @@ class SparsityConfig:
   sparsify_biases: bool = True  # paper: biases are sparse too (authors' script: they are not)
   anneal_start_frac: float = 0.01  # fraction of training at which the L0 starts to fall
   anneal_end_frac: float = 0.5  # fraction of training at which the L0 reaches its target
-  min_per_neuron: int = 4  # nonzeros protected per neuron / attention channel (paper j=4)
+  min_per_neuron: int = 4  # nonzeros protected per neuron / attention channel (paper j=4);
+  # a density whose final k cannot give every neuron this many is an error naming the matrix
 
   def __post_init__(self):
     _fraction("sparsity", "weight_density", self.weight_density)
@@ -117,10 +118,12 @@ class OptimConfig:
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 0.1  # large on purpose (paper)
-  weight_decay: float = 0.1  # decoupled; not on norms, sink logits or the bigram table
+  weight_decay: float = 0.1  # decoupled; on matrices and embeddings (authors' script)
+  decay_biases: bool = False  # also decay biases (the authors' script does not)
   warmup_frac: float = 0.01  # linear warmup, then linear decay to 0
   grad_rms_normalize: bool = True  # divide grads by their global RMS (paper: essential)
   sharkfin: bool = True  # multiply LR by sqrt(L0_final / L0_now) while annealing
+  sharkfin_l0: str = "matrix"  # whose L0: "matrix" (authors' script) or "all" sparsified params
 
   def __post_init__(self):
     for name in ("lr", "eps"):
@@ -134,6 +137,8 @@ class OptimConfig:
     if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
       _fail("optim.weight_decay", f"must be >= 0, got {self.weight_decay!r}")
     _fraction("optim", "warmup_frac", self.warmup_frac, allow_zero=True)
+    if self.sharkfin_l0 not in ("matrix", "all"):
+      _fail("optim.sharkfin_l0", f"must be 'matrix' or 'all', got {self.sharkfin_l0!r}")
 
 
 @dataclasses.dataclass(frozen=True)

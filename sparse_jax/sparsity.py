@@ -18,7 +18,13 @@ every parameter (`RULES`):
     leaves 1-D biases dense. We follow the paper (`sparsify_biases=True`, `embed_density`, as
     the script's L0frac for biases); set it False to reproduce the script.
   - RMSNorm scales, sink logits and the bigram table are never sparsified.
-Weight decay applies to every sparsified parameter (not norms, sinks or the bigram table).
+Weight decay (`OptimConfig.decay_biases`) follows the authors' script: weight matrices and
+embeddings (every >= 2-D parameter but the bigram table) are decayed, biases are not unless
+asked; norms, sinks and the bigram table never are. The sharkfin factor
+(`OptimConfig.sharkfin_l0`) is sqrt(L0_final / L0_now) over the weight matrices only, as the
+script's sqrt(pfrac / this_pfrac); "all" counts every sparsified parameter instead. A
+`min_per_neuron` that the final k of a matrix cannot give every neuron is a `ValueError`
+naming the matrix (`leaf_specs`), never a silent tie-break among protected entries.
 
 The schedule anneals every group's density linearly from 1 (dense) to its target between
 `anneal_start_frac` and `anneal_end_frac` of training. k is computed from the optimiser's
@@ -49,7 +55,6 @@ RULES = (
     (r".*/b", "bias", None),
     (r".*/scale|blocks/\d+/attn/sink|bigram", "dense", None),
 )
-_NEVER_DECAYED = RULES[-1][0]
 _INT32_MAX = jnp.iinfo(jnp.int32).max
 # Score of protected entries: above every finite |w| (and inf), but below the exclusive upper
 # bound of the bisection, so a protected entry can still be the k-th largest.
@@ -84,15 +89,25 @@ def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+def rule_of(name: str) -> tuple[str, int | None]:
+  """(group, neuron axis) of the first rule in `RULES` matching a param path."""
+  match = next(((g, ax) for rx, g, ax in RULES if re.fullmatch(rx, name)), None)
+  if match is None:
+    raise ValueError(f"parameter {name!r} matches no sparsity rule in sparsity.RULES")
+  return match
+
+
 def leaf_specs(params: Any, scfg: SparsityConfig) -> dict[str, LeafSpec]:
-  """Applies `RULES` to every parameter (params may be arrays or ShapeDtypeStructs)."""
+  """Applies `RULES` to every parameter (params may be arrays or ShapeDtypeStructs).
+
+  Raises:
+    ValueError: naming the matrix, if its final k cannot keep `min_per_neuron` nonzeros in
+      every neuron.
+  """
   specs = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     name = path_str(path)
-    match = next(((g, ax) for rx, g, ax in RULES if re.fullmatch(rx, name)), None)
-    if match is None:
-      raise ValueError(f"parameter {name!r} matches no sparsity rule in sparsity.RULES")
-    group, axis = match
+    group, axis = rule_of(name)
     if group == "bias" and not scfg.sparsify_biases:
       group = "dense"
     density = {"matrix": scfg.weight_density, "embed": scfg.embed_density,
@@ -100,7 +115,22 @@ def leaf_specs(params: Any, scfg: SparsityConfig) -> dict[str, LeafSpec]:
     sparsified = scfg.enabled and group != "dense"
     specs[name] = LeafSpec(name, group, tuple(leaf.shape), density if sparsified else 1.0,
                            axis if sparsified and scfg.min_per_neuron else None, sparsified)
+    _check_neuron_minimum(specs[name], scfg.min_per_neuron)
   return specs
+
+
+def _check_neuron_minimum(spec: LeafSpec, min_per_neuron: int) -> None:
+  """k only falls during the anneal, so a minimum the final k can hold always holds."""
+  if spec.neuron_axis is None or len(spec.shape) != 2:
+    return
+  n_neurons = spec.shape[spec.neuron_axis]
+  j = min(min_per_neuron, spec.shape[1 - spec.neuron_axis])
+  if spec.final_k < j * n_neurons:
+    raise ValueError(
+        f"sparsity.min_per_neuron: {spec.path} {spec.shape} keeps {spec.final_k} nonzeros at "
+        f"density {spec.density:.4g}, fewer than min_per_neuron={j} x {n_neurons} neurons = "
+        f"{j * n_neurons}; raise its density to >= {j * n_neurons / spec.numel:.4g} or lower "
+        f"sparsity.min_per_neuron")
 
 
 def anneal_window(total_steps: int, scfg: SparsityConfig) -> tuple[int, int]:
@@ -129,12 +159,19 @@ def scheduled_k(spec: LeafSpec, step, total_steps: int, scfg: SparsityConfig) ->
 
 def scheduled_l0(specs: dict[str, LeafSpec], step, total_steps: int,
                  scfg: SparsityConfig) -> jax.Array:
-  """Total scheduled nonzeros over sparsified params (float32, for the LR multiplier)."""
+  """Total scheduled nonzeros over the sparsified params in specs (float32)."""
   total = jnp.float32(0.0)
   for spec in specs.values():
     if spec.sparsified:
       total = total + scheduled_k(spec, step, total_steps, scfg).astype(jnp.float32)
   return total
+
+
+def sharkfin_specs(specs: dict[str, LeafSpec], which: str) -> dict[str, LeafSpec]:
+  """The params whose L0 drives the sharkfin factor: "matrix" (authors) or "all"."""
+  if which == "all":
+    return specs
+  return {n: s for n, s in specs.items() if s.group == "matrix"}
 
 
 def _protect_per_neuron(bits: jax.Array, neuron_axis: int, j: int) -> jax.Array:
@@ -223,7 +260,8 @@ def learning_rate_fn(ocfg: OptimConfig, scfg: SparsityConfig, specs: dict[str, L
                      total_steps: int):
   """lr(count): linear warmup, linear decay to 0, times sqrt(L0_final / L0_now) (sharkfin)."""
   warm = max(int(ocfg.warmup_frac * total_steps), 1)
-  final_l0 = float(sum(s.final_k for s in specs.values() if s.sparsified))
+  l0_specs = sharkfin_specs(specs, ocfg.sharkfin_l0)
+  final_l0 = float(sum(s.final_k for s in l0_specs.values() if s.sparsified))
   use_sharkfin = ocfg.sharkfin and scfg.enabled and final_l0 > 0
 
   def schedule(count):
@@ -232,7 +270,7 @@ def learning_rate_fn(ocfg: OptimConfig, scfg: SparsityConfig, specs: dict[str, L
     decay = 1.0 - (step - warm) / max(total_steps - warm, 1)
     lr = ocfg.lr * jnp.clip(jnp.where(step < warm, warmup, decay), 0.0, 1.0)
     if use_sharkfin:
-      lr = lr * jnp.sqrt(final_l0 / scheduled_l0(specs, count, total_steps, scfg))
+      lr = lr * jnp.sqrt(final_l0 / scheduled_l0(l0_specs, count, total_steps, scfg))
     return lr
 
   return schedule
@@ -242,10 +280,11 @@ def make_optimizer(cfg: Config, params: Any, total_steps: int) -> optax.Gradient
   """The full chain for `params` (arrays or ShapeDtypeStructs) trained for total_steps."""
   specs = leaf_specs(params, cfg.sparsity)
   ocfg = cfg.optim
-  # Decay everything a sparse run may sparsify (dense baseline included), as RULES' "dense"
-  # group is exactly the norms, sinks and bigram table.
+  # By RULES group, not by spec, so that the dense baseline decays exactly what a sparse run
+  # does: matrices and embeddings, biases only if asked, never norms, sinks or the bigram.
+  decayed = {"matrix", "embed"} | ({"bias"} if ocfg.decay_biases else set())
   decay_mask = jax.tree_util.tree_map_with_path(
-      lambda path, _: not re.fullmatch(_NEVER_DECAYED, path_str(path)), params)
+      lambda path, _: rule_of(path_str(path))[0] in decayed, params)
   lr = learning_rate_fn(ocfg, cfg.sparsity, specs, total_steps)
   parts = [normalize_grad_rms()] if ocfg.grad_rms_normalize else []
   parts += [optax.scale_by_adam(b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps),

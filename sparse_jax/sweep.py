@@ -23,7 +23,7 @@ dense and a sparse model over the tasks both solve, with their number.
 from __future__ import annotations
 
 import dataclasses
-import logging
+import functools
 import math
 from typing import Any, Sequence
 
@@ -46,7 +46,7 @@ class SweepConfig:
   base: Config
   widths: tuple[int, ...]  # d_model values; n_head = width // d_head, d_mlp = 4 * width
   l0_targets: tuple[int, ...]  # total nonzero sparsified params of each sparse model
-  dense_baseline: bool = True  # one dense model per width
+  dense_baseline: bool = True  # one plain dense model per width (no AbsTopK either)
   base_width: int | None = None  # e = width / base_width; default: the smallest width
 
   def __post_init__(self):
@@ -76,9 +76,14 @@ class Point:
   config: Config
 
 
+@functools.lru_cache(maxsize=64)
+def _abstract_params(mcfg):
+  return jax.eval_shape(lambda: model_lib.init_params(mcfg, jax.random.PRNGKey(0)))
+
+
 def param_groups(cfg: Config) -> tuple[int, int]:
   """(weight-matrix params, embedding + unembedding + bias params) that sparsity may prune."""
-  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg.model, jax.random.PRNGKey(0)))
+  abstract = _abstract_params(cfg.model)
   specs = sparsity.leaf_specs(abstract, dataclasses.replace(cfg.sparsity, enabled=True))
   n_mat = sum(s.numel for s in specs.values() if s.sparsified and s.group == "matrix")
   n_emb = sum(s.numel for s in specs.values() if s.sparsified and s.group != "matrix")
@@ -112,27 +117,27 @@ def grid(sweep: SweepConfig) -> list[Point]:
   for width in sorted(sweep.widths):
     cfg = model_at_width(sweep.base, width)
     if sweep.dense_baseline:
-      dense = dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, enabled=False))
+      # The paper's dense baselines are plain dense models: no AbsTopK either.
+      dense = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, afrac=None),
+                                  sparsity=dataclasses.replace(cfg.sparsity, enabled=False))
       points.append(Point(f"d{width}_dense", width, None, dense))
     n_mat, n_emb = param_groups(cfg)
     for l0 in sorted(sweep.l0_targets):
       rho, emb = densities_for_l0(l0, n_mat, n_emb, width / base_width)
       scfg = dataclasses.replace(cfg.sparsity, enabled=True, weight_density=rho,
                                  embed_density=emb)
-      _warn_if_neuron_minimum_infeasible(cfg, scfg, width, l0)
+      _check_neuron_minimum(cfg, scfg, width, l0)
       points.append(Point(f"d{width}_l0_{l0}", width, l0,
                           dataclasses.replace(cfg, sparsity=scfg)))
   return points
 
 
-def _warn_if_neuron_minimum_infeasible(cfg: Config, scfg: SparsityConfig, width: int, l0: int):
-  m = cfg.model
-  need = scfg.min_per_neuron * max(3 * m.d_attn, m.d_mlp)  # protected entries, widest matrix
-  have = scfg.weight_density * width * max(3 * m.d_attn, m.d_mlp)
-  if scfg.min_per_neuron and have < need:
-    logging.warning("width %d, L0 %d: density %.4f keeps fewer than %d weights per neuron; "
-                    "the per-neuron minimum cannot hold", width, l0, scfg.weight_density,
-                    scfg.min_per_neuron)
+def _check_neuron_minimum(cfg: Config, scfg: SparsityConfig, width: int, l0: int) -> None:
+  """Refuses a point whose densities cannot keep `min_per_neuron` weights in every neuron."""
+  try:
+    sparsity.leaf_specs(_abstract_params(cfg.model), scfg)
+  except ValueError as e:
+    raise ValueError(f"sweep point width {width}, L0 {l0}: {e}") from None
 
 
 # --- aggregation ---

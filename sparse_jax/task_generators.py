@@ -24,12 +24,15 @@ import numpy as np
 
 
 class Pair(NamedTuple):
-  """One minimally different pair: prompt_a -> tok, prompt_b -> alt."""
+  """One minimally different pair: prompt_a -> tok, prompt_b -> alt.
+
+  alt None makes an "X vs not-X" pair: prompt_b should continue with anything but tok.
+  """
 
   prompt_a: str
   prompt_b: str
   tok: str
-  alt: str
+  alt: str | None
 
 
 class TaskSpec(NamedTuple):
@@ -301,8 +304,9 @@ def else_elif(rng):
   pre += f"{ind}if {_condition(rng, x, y)}:\n" + _context(rng, ind + "    ", 1, 2)
   if rng.random() < 0.3:
     pre += f"{ind}elif {_condition(rng, x, y)}:\n" + _context(rng, ind + "    ", 1, 1)
-  return Pair(f"{pre}{ind}else", f"{pre}{ind}elif", ":\n",
-              f" {_condition(rng, x, _pick(rng, NAMES))}:\n")
+  # The paper's task is `:` vs not-`:` (PAPER.md §3): B is scored on p(not `:`) over the whole
+  # vocabulary, not against one sampled first token of a condition.
+  return Pair(f"{pre}{ind}else", f"{pre}{ind}elif", ":\n", None)
 
 
 _PRINTS = ("print(", "print(", "print(", "log(", "self.log(", "echo(", "trace(", "emit(")
@@ -433,7 +437,8 @@ TASKS: dict[str, TaskSpec] = {s.name: s for s in (
     TaskSpec("with_open", "open mode from the file variable's name: 'r' vs 'w'", with_open),
     TaskSpec("bracket_counting", "close a nested vs flat list: ]] vs ]", bracket_counting),
     TaskSpec("for_while", "`for x` -> ` in` vs `while x` -> `:`", for_while),
-    TaskSpec("else_elif", "`else` -> `:` vs `elif` -> a condition", else_elif),
+    TaskSpec("else_elif", "`else` -> `:` vs `elif` -> not `:` (full-vocabulary loss)",
+             else_elif),
     TaskSpec("fstring_brace", "in an f-string open ` {` vs close a plain string `\",`",
              fstring_brace),
     TaskSpec("if_ternary", "`if cond` -> `:` vs `x = a if cond` -> ` else`", if_ternary),

@@ -6,25 +6,39 @@ last real position take a softmax over only {tok, alt}; a pair costs
 -[log p(tok | A) + log p(alt | B)]. We report the per-*sequence* mean (half the pair sum,
 the authors' stored numbers are the sum), so 0.15 means each side has p(correct) ~ 0.86.
 
+"X vs not-X" pairs (`alt` is None: B should continue with anything but `tok`, as in the
+paper's else_elif) use the authors' full-vocabulary form -[log p(tok | A) + log(1 - p(tok | B))].
+Both forms are one function of a per-sequence logit difference d: tok minus alt, or, for
+not-X pairs, the full-softmax log-odds of tok, logit_tok - logsumexp(other logits), so that
+p(tok) = sigmoid(d). `contrast_loss`, the circuit search and its scale+shift calibration
+therefore treat every task alike; a not-X side B counts as correct when p(tok | B) < 1/2.
+
 Arrays (one task): tokens_Px2xL (P pairs, side 0 = A, side 1 = B, right-padded with 0),
 last_Px2 (index of each sequence's last real token), tok_P and alt_P (candidate ids).
 Causal attention never sees the right padding, so reading logits at `last` is exact.
 A `TaskSet` stacks T tasks with a leading task axis, ready for `jax.vmap`.
 
 Candidates are strings, tokenised with the model's own tokenizer at load time. `prompt + tok`
-and `prompt + alt` are tokenised whole; the prompt's own tokens must be a prefix of both
-(otherwise BPE merged across the boundary), and the predicted token is the first one where
-the two continuations differ (tokens they share before it are appended to the prompt). Sides
-A and B must agree on (tok, alt). Pairs that break this, run past `max_len` or repeat an
-earlier sequence are resampled and counted; a task that cannot fill its pairs is
-*unavailable* for that tokenizer and listed, with the reason, in `TaskSet.unavailable`.
+and `prompt + alt` are tokenised whole and the predicted token is the first one where the two
+differ; the tokens they share before it form the sequence the model reads (the prompt, plus
+any shared start of the candidates, minus any end of the prompt that BPE merges with them: for
+`def f(a, b)` + `:` vs ` ->` the model reads `def f(a, b` and is asked `):` vs `)`). For a
+not-X pair the predicted token is the first token of `prompt + tok` that reaches past the
+prompt. Refused as ambiguous: candidates with no differing token (one a token-prefix of the
+other), and a first difference that lies inside the prompt on both sides (BPE splitting the
+prompt's end two ways, e.g. indentation). Sides A and B must agree on (tok, alt). Generator
+pairs that break this, run past `max_len` or repeat an earlier sequence are resampled and
+counted; a task that cannot fill its pairs is *unavailable* for that tokenizer and listed,
+with the reason, in `TaskSet.unavailable`.
 
 User task files (`file:PATH` in a task list) hold JSON lines
 `{"prompt": ..., "target": ..., "alt": ...}`, optionally with `"alt_prompt"`, the paired
 prompt that should continue with `alt`. A line without `alt_prompt` is one side only; it is
 paired with a line whose target and alt are swapped (in file order, cycling the shorter
-group). Candidates must be single tokens after their prompt. Any malformed line, an empty
-file or a multi-token candidate raises `TaskFileError` naming the file and line. Pairs are
+group). `"alt": null` makes an "X vs not-X" pair (alt_prompt should continue with anything but
+target) and needs `alt_prompt`. Candidates tokenise by the generators' rule above. Any
+malformed line, an empty file or an ambiguous candidate raises `TaskFileError` naming the file
+and line. Pairs are
 split into train and held-out by a seeded shuffle and cycled to fill `n_train`/`n_heldout`
 (the splits share no pair; they share sequences only where the file reuses a prompt).
 """
@@ -56,7 +70,10 @@ class TaskArrays:
   tokens_Px2xL: jax.Array  # int32
   last_Px2: jax.Array  # int32, position of the last real token of each sequence
   tok_P: jax.Array  # int32, the token side A should predict
-  alt_P: jax.Array  # int32, the token side B should predict
+  alt_P: jax.Array  # int32, the token side B should predict (== tok_P where vs_rest_P)
+  # bool, "X vs not-X" pairs: side B should predict anything but tok (full-vocab loss);
+  # None means no such pair.
+  vs_rest_P: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +99,19 @@ def contrast_loss(d_Px2: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def pair_logit_diff(params, cfg: ModelConfig, arrays: TaskArrays, *, ablation=None):
-  """d_Px2 for one task's pairs (optionally with node ablation)."""
+  """d_Px2 for one task's pairs (optionally with node ablation): tok minus alt logit, or for
+  "X vs not-X" pairs the full-softmax log-odds of tok (see the module docstring)."""
   P, _, L = arrays.tokens_Px2xL.shape
   # Unembed only each sequence's last real position: the rest of the logits are never read.
   logits_SxV = model_lib.forward(params, arrays.tokens_Px2xL.reshape(P * 2, L), cfg,
                                  ablation=ablation, positions_B=arrays.last_Px2.reshape(-1))
   tok_S, alt_S = jnp.repeat(arrays.tok_P, 2)[:, None], jnp.repeat(arrays.alt_P, 2)[:, None]
-  d_S = (jnp.take_along_axis(logits_SxV, tok_S, axis=1)
-         - jnp.take_along_axis(logits_SxV, alt_S, axis=1))[:, 0]
+  tok_logit_S = jnp.take_along_axis(logits_SxV, tok_S, axis=1)[:, 0]
+  d_S = tok_logit_S - jnp.take_along_axis(logits_SxV, alt_S, axis=1)[:, 0]
+  if arrays.vs_rest_P is not None:
+    is_tok_SxV = jnp.arange(logits_SxV.shape[1]) == tok_S
+    rest_S = jax.nn.logsumexp(jnp.where(is_tok_SxV, -jnp.inf, logits_SxV), axis=1)
+    d_S = jnp.where(jnp.repeat(arrays.vs_rest_P, 2), tok_logit_S - rest_S, d_S)
   return d_S.reshape(P, 2)
 
 
@@ -110,32 +132,45 @@ class TaskFileError(ValueError):
 
 
 class Encoded(NamedTuple):
-  """One pair in token ids: seq_a -> tok, seq_b -> alt."""
+  """One pair in token ids: seq_a -> tok, seq_b -> alt (None: anything but tok)."""
 
   seq_a: tuple[int, ...]
   seq_b: tuple[int, ...]
   tok: int
-  alt: int
+  alt: int | None
 
 
 class PairRejected(ValueError):
   """A pair that does not tokenise cleanly with this tokenizer; str(e) is the reason."""
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-  return tokenizer.encode(text).ids
+def _ids_and_ends(tokenizer, text: str) -> tuple[list[int], list[int]]:
+  """Token ids of text, and the character offset at which each token ends."""
+  enc = tokenizer.encode(text)
+  return enc.ids, [end for _, end in enc.offsets]
 
 
-def _resolve_side(tokenizer, prompt: str, tok: str, alt: str):
-  """(prompt ids + shared continuation, tok id, alt id) for one side of a pair."""
-  p, t, a = (_ids(tokenizer, prompt + s) for s in ("", tok, alt))
-  if t[:len(p)] != p or a[:len(p)] != p:
-    raise PairRejected("BPE merges the end of the prompt with a candidate")
-  ct, ca = t[len(p):], a[len(p):]
-  i = next((i for i, (x, y) in enumerate(zip(ct, ca)) if x != y), None)
-  if i is None:
-    raise PairRejected("tok and alt tokenise to the same tokens (one is a prefix of the other)")
-  return tuple(p + ct[:i]), ct[i], ca[i]
+def _resolve_side(tokenizer, prompt: str, tok: str, alt: str | None):
+  """(sequence the model reads, tok id, alt id or None) for one side of a pair."""
+  n = len(prompt)
+  t, t_end = _ids_and_ends(tokenizer, prompt + tok)
+  if alt is None:  # not-X: the first token that reaches past the prompt
+    i = next(i for i, end in enumerate(t_end) if end > n)
+    a_i = None
+  else:
+    a, a_end = _ids_and_ends(tokenizer, prompt + alt)
+    i = next((i for i, (x, y) in enumerate(zip(t, a)) if x != y), None)
+    if i is None:
+      raise PairRejected("tok and alt tokenise to the same tokens (one is a prefix of the "
+                         "other)")
+    if t_end[i] <= n and a_end[i] <= n:
+      raise PairRejected(f"BPE splits the end of the prompt two ways ("
+                         f"{tokenizer.decode([t[i]])!r} vs {tokenizer.decode([a[i]])!r}) before "
+                         f"tok and alt, so neither predicted token holds a candidate")
+    a_i = a[i]
+  if i == 0:
+    raise PairRejected("BPE merges the whole prompt into the predicted token")
+  return tuple(t[:i]), t[i], a_i
 
 
 def encode_pair(tokenizer, pair: Pair, max_len: int) -> Encoded:
@@ -225,27 +260,18 @@ def _parse_task_file(path: str) -> list[tuple[int, dict[str, str]]]:
     for key, value in obj.items():
       if key not in _FILE_KEYS:
         raise TaskFileError(f"{where}: unknown key {key!r}; allowed: {', '.join(_FILE_KEYS)}")
+      if key == "alt" and value is None:
+        continue  # "X vs not-X"
       if not isinstance(value, str) or not value:
         raise TaskFileError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+    if obj["alt"] is None and "alt_prompt" not in obj:
+      raise TaskFileError(f"{where}: 'alt': null (target vs anything else) needs 'alt_prompt', "
+                          f"the prompt that should not continue with target")
     rows.append((lineno, obj))
   if not rows:
     raise TaskFileError(f"{path}: empty task file (expected JSON lines with "
                         f"prompt, target, alt)")
   return rows
-
-
-def _single_token(tokenizer, prompt: str, cand: str, where: str, key: str):
-  """(prompt ids, candidate id), requiring exactly one new token after the prompt."""
-  p, full = _ids(tokenizer, prompt), _ids(tokenizer, prompt + cand)
-  if full[:len(p)] != p:
-    raise TaskFileError(f"{where}: {key} {cand!r} merges with the end of the prompt when "
-                        f"tokenised; end the prompt so that the candidate starts a new token")
-  extra = full[len(p):]
-  if len(extra) != 1:
-    pieces = [tokenizer.decode([i]) for i in extra]
-    raise TaskFileError(f"{where}: {key} {cand!r} is {len(extra)} tokens {pieces} with this "
-                        f"tokenizer; candidates must be single tokens")
-  return tuple(p), extra[0]
 
 
 def load_task_file(path: str, tokenizer, *, max_len: int | None = None):
@@ -255,30 +281,24 @@ def load_task_file(path: str, tokenizer, *, max_len: int | None = None):
     list of (Pair, Encoded), in file order.
 
   Raises:
-    TaskFileError: naming the file and line, for anything malformed.
+    TaskFileError: naming the file and line, for anything malformed or ambiguous.
   """
+  limit = max_len if max_len is not None else float("inf")
   sides = []  # (lineno, obj, seq, tok id, alt id) of every line without alt_prompt
   out = []
   for lineno, obj in _parse_task_file(path):
     where = f"{path}:{lineno}"
-    seq, t = _single_token(tokenizer, obj["prompt"], obj["target"], where, "target")
-    _, a = _single_token(tokenizer, obj["prompt"], obj["alt"], where, "alt")
-    if t == a:
-      raise TaskFileError(f"{where}: target and alt are the same token")
-    if max_len is not None and len(seq) > max_len:
+    pair = Pair(obj["prompt"], obj.get("alt_prompt"), obj["target"], obj["alt"])
+    try:
+      if pair.prompt_b is not None:
+        out.append((pair, encode_pair(tokenizer, pair, limit)))
+        continue
+      seq, t, a = _resolve_side(tokenizer, pair.prompt_a, pair.tok, pair.alt)
+    except PairRejected as e:
+      raise TaskFileError(f"{where}: {e} (target {pair.tok!r}, alt {pair.alt!r})") from None
+    if len(seq) > limit:
       raise TaskFileError(f"{where}: prompt is {len(seq)} tokens, over max_len={max_len}")
-    if "alt_prompt" not in obj:
-      sides.append((lineno, obj, seq, t, a))
-      continue
-    seq_b, t_b = _single_token(tokenizer, obj["alt_prompt"], obj["target"], where, "target")
-    _, a_b = _single_token(tokenizer, obj["alt_prompt"], obj["alt"], where, "alt")
-    if (t_b, a_b) != (t, a) or seq_b == seq:
-      raise TaskFileError(f"{where}: alt_prompt must differ from prompt and keep the "
-                          f"candidates' tokens")
-    if max_len is not None and len(seq_b) > max_len:
-      raise TaskFileError(f"{where}: alt_prompt is {len(seq_b)} tokens, over max_len={max_len}")
-    out.append((Pair(obj["prompt"], obj["alt_prompt"], obj["target"], obj["alt"]),
-                Encoded(seq, seq_b, t, a)))
+    sides.append((lineno, obj, seq, t, a))
   # One-sided lines: those preferring t over a are paired with those preferring a over t.
   groups = collections.defaultdict(list)
   for side in sides:
@@ -330,8 +350,11 @@ def _stack(per_task: Sequence[list[Encoded]], L: int) -> TaskArrays:
         tokens[ti, pi, side, :len(seq)] = seq
         last[ti, pi, side] = len(seq) - 1
   tok = np.array([[e.tok for e in encs] for encs in per_task], np.int32)
-  alt = np.array([[e.alt for e in encs] for encs in per_task], np.int32)
-  return TaskArrays(jnp.asarray(tokens), jnp.asarray(last), jnp.asarray(tok), jnp.asarray(alt))
+  vs_rest = np.array([[e.alt is None for e in encs] for encs in per_task], bool)
+  alt = np.where(vs_rest, tok, [[e.tok if e.alt is None else e.alt for e in encs]
+                                for encs in per_task]).astype(np.int32)
+  return TaskArrays(jnp.asarray(tokens), jnp.asarray(last), jnp.asarray(tok), jnp.asarray(alt),
+                    jnp.asarray(vs_rest))
 
 
 def build_taskset(tokenizer, names: Sequence[str] | None = None, *, n_train: int = 64,

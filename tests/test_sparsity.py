@@ -39,7 +39,12 @@ def test_exact_scheduled_l0_after_every_step(d, f, v, wd, ed, seed):
   total = 12
   cfg = config_lib.Config(sparsity=config_lib.SparsityConfig(
       weight_density=wd, embed_density=ed, anneal_start_frac=0.1, anneal_end_frac=0.6))
-  opt = sparsity.make_optimizer(cfg, params, total)
+  try:
+    opt = sparsity.make_optimizer(cfg, params, total)
+  except ValueError as e:  # this density cannot keep 4 weights in every neuron
+    assert str(e).startswith("sparsity.min_per_neuron: blocks/0/")
+    cfg = dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, min_per_neuron=0))
+    opt = sparsity.make_optimizer(cfg, params, total)
   specs = sparsity.leaf_specs(params, cfg.sparsity)
   state = opt.init(params)
   step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
@@ -58,8 +63,9 @@ def test_exact_scheduled_l0_after_every_step(d, f, v, wd, ed, seed):
                        ("blocks/0/attn/c_attn/w", 0)):
       w = np.asarray(_get(params, name))
       k = int(sparsity.scheduled_k(specs[name], i, total, cfg.sparsity))
-      need = min(4, w.shape[axis])
-      if k >= need * w.shape[1 - axis]:
+      need = min(cfg.sparsity.min_per_neuron, w.shape[axis])
+      if need:
+        assert k >= need * w.shape[1 - axis]  # feasible wherever it is configured
         assert ((w != 0).sum(axis) >= need).all(), (i, name)
   assert step._cache_size() == 1  # annealing k is traced: no recompilation
   # The schedule ends at the configured target.
@@ -127,7 +133,7 @@ def test_learning_rate_schedule_and_sharkfin():
   total = 200
   scfg = config_lib.SparsityConfig(embed_density=0.25, anneal_start_frac=0.01,
                                    anneal_end_frac=0.5)
-  ocfg = config_lib.OptimConfig(lr=1.0, warmup_frac=0.01)
+  ocfg = config_lib.OptimConfig(lr=1.0, warmup_frac=0.01, sharkfin_l0="all")
   specs = sparsity.leaf_specs(params, scfg)
   lr = sparsity.learning_rate_fn(ocfg, scfg, specs, total)
   # Warmup over 2 steps, sharkfin sqrt(25/100) = 0.5 while still dense.
@@ -151,20 +157,58 @@ def test_grad_rms_normalised_to_one():
   np.testing.assert_allclose(rms, 1.0, rtol=1e-4)
 
 
-def test_weight_decay_skips_norms_sinks_and_bigram():
+def test_sharkfin_counts_weight_matrices_only_by_default():
+  """The authors' factor is sqrt(pfrac / this_pfrac): weight-matrix L0 only."""
+  params = {"wte": jnp.zeros((10, 10)), "blocks": {"0": {"mlp": {"c_fc": {"w": jnp.zeros((8, 20))}}}}}
+  total = 200
+  scfg = config_lib.SparsityConfig(weight_density=0.5, embed_density=0.25)
+  specs = sparsity.leaf_specs(params, scfg)
+  base = lambda step: 1.0 - (step - 2) / (200 - 2)  # warmup 2 steps, then linear decay
+  matrix = sparsity.learning_rate_fn(config_lib.OptimConfig(lr=1.0), scfg, specs, total)
+  every = sparsity.learning_rate_fn(config_lib.OptimConfig(lr=1.0, sharkfin_l0="all"), scfg,
+                                    specs, total)
+  # Step 51 is half-way through the anneal (steps 2..100): c_fc holds 160 - 40 = 120 of its
+  # final 80, wte 100 - floor(37.5) = 63 of its final 25.
+  np.testing.assert_allclose(matrix(51), base(51) * np.sqrt(80 / 120), rtol=1e-6)
+  np.testing.assert_allclose(every(51), base(51) * np.sqrt((80 + 25) / (120 + 63)), rtol=1e-6)
+  np.testing.assert_allclose(matrix(2), base(2) * np.sqrt(80 / 160), rtol=1e-6)
+  np.testing.assert_allclose(matrix(100), base(100), rtol=1e-6)
+  with pytest.raises(ValueError, match="optim.sharkfin_l0: must be 'matrix' or 'all'"):
+    config_lib.OptimConfig(sharkfin_l0="embed")
+
+
+def test_weight_decay_on_matrices_and_embeddings_not_biases():
   rng = np.random.default_rng(0)
   params = _tree(rng, 8, 8, 6)
-  cfg = config_lib.Config(sparsity=config_lib.SparsityConfig(enabled=False),
-                          optim=config_lib.OptimConfig(warmup_frac=0.0))
-  opt = sparsity.make_optimizer(cfg, params, 10)
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = opt.update(zeros, opt.init(params), params)
-  new = optax.apply_updates(params, updates)
-  for name in ("blocks/0/ln_1/scale", "bigram", "blocks/0/attn/sink"):
-    np.testing.assert_array_equal(_get(new, name), _get(params, name))
-  shrunk = np.asarray(_get(new, "wte")) / np.asarray(_get(params, "wte"))
-  np.testing.assert_allclose(shrunk, 1.0 - 0.1 * cfg.optim.lr, rtol=1e-5)
-  assert all(v == _nonzeros(params)[k] for k, v in _nonzeros(new).items())  # dense: no pruning
+  for decay_biases in (False, True):
+    cfg = config_lib.Config(sparsity=config_lib.SparsityConfig(enabled=False),
+                            optim=config_lib.OptimConfig(warmup_frac=0.0,
+                                                         decay_biases=decay_biases))
+    opt = sparsity.make_optimizer(cfg, params, 10)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zeros, opt.init(params), params)
+    new = optax.apply_updates(params, updates)
+    for name in ("blocks/0/ln_1/scale", "bigram", "blocks/0/attn/sink"):
+      np.testing.assert_array_equal(_get(new, name), _get(params, name))
+    for name in ("wte", "blocks/0/mlp/c_fc/w", "blocks/0/mlp/c_proj/b"):
+      shrunk = np.asarray(_get(new, name)) / np.asarray(_get(params, name))
+      factor = 1.0 if name.endswith("/b") and not decay_biases else 1.0 - 0.1 * cfg.optim.lr
+      np.testing.assert_allclose(shrunk, factor, rtol=1e-5, err_msg=name)
+    assert all(v == _nonzeros(params)[k] for k, v in _nonzeros(new).items())  # no pruning
+
+
+def test_infeasible_neuron_minimum_is_an_error_naming_the_matrix():
+  params = {"blocks": {"0": {"mlp": {"c_fc": {"w": jnp.zeros((16, 32))}}}}}
+  # 4 of each column's 16 inputs, for 32 neurons: at least 128 of 512 nonzeros (1/4).
+  assert sparsity.leaf_specs(params, config_lib.SparsityConfig(weight_density=0.25))
+  with pytest.raises(ValueError, match=r"sparsity.min_per_neuron: blocks/0/mlp/c_fc/w "
+                     r"\(16, 32\) keeps 127 nonzeros .* min_per_neuron=4 x 32 neurons = 128"):
+    sparsity.leaf_specs(params, config_lib.SparsityConfig(weight_density=127 / 512))
+  assert sparsity.leaf_specs(params, config_lib.SparsityConfig(weight_density=127 / 512,
+                                                               min_per_neuron=3))
+  # Dense runs and disabled minimums are never refused.
+  assert sparsity.leaf_specs(params, config_lib.SparsityConfig(weight_density=0.01,
+                                                               enabled=False))
 
 
 def test_every_model_param_matches_a_rule():

@@ -37,7 +37,7 @@ def tokenizer():
     rng = np.random.default_rng(123)
     for _ in range(30):
       p = spec.generate(rng)
-      texts += [p.prompt_a + p.tok, p.prompt_b + p.alt]
+      texts += [p.prompt_a + p.tok, p.prompt_b + (p.alt or "")]
   stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
   texts += [(stdlib / f).read_text(encoding="utf-8") for f in ("textwrap.py", "bisect.py")]
   return train_tokenizer(texts, 800)
@@ -139,7 +139,8 @@ def test_prompt_plus_candidate_is_valid_python(name):
   rng = np.random.default_rng(3)
   for _ in range(40):
     p = TASKS[name].generate(rng)
-    for text in (p.prompt_a + p.tok, p.prompt_b + p.alt):
+    # A not-X side B ("elif") has no continuation of its own to compile.
+    for text in (p.prompt_a + p.tok,) + ((p.prompt_b + p.alt,) if p.alt else ()):
       with warnings.catch_warnings():
         warnings.simplefilter("error")
         codeop.compile_command(text, symbol="exec")  # None (incomplete) is fine; raises if bad
@@ -154,22 +155,33 @@ def test_candidates_tokenise_as_declared(tokenizer, name):
   dec = lambda ids: tokenizer.decode(list(ids))
   for pair, enc in samples:
     assert enc.tok != enc.alt
+    assert (enc.alt is None) == (name == "else_elif")  # the one "X vs not-X" task
     for prompt, seq in ((pair.prompt_a, enc.seq_a), (pair.prompt_b, enc.seq_b)):
-      n_prompt = len(tokenizer.encode(prompt).ids)
-      assert list(seq[:n_prompt]) == tokenizer.encode(prompt).ids
-      shared = dec(seq[n_prompt:])  # continuation tokens tok and alt have in common
-      assert dec(seq) == prompt + shared
-      assert pair.tok.startswith(shared + dec([enc.tok]))
-      assert pair.alt.startswith(shared + dec([enc.alt]))
+      # The model reads a token prefix of prompt + tok, and the predicted tokens continue it.
+      assert list(seq) == tokenizer.encode(prompt + pair.tok).ids[:len(seq)]
+      assert (prompt + pair.tok).startswith(dec(seq) + dec([enc.tok]))
+      assert len(dec(seq) + dec([enc.tok])) > len(prompt) or enc.alt is not None
+      if enc.alt is not None:
+        assert (prompt + pair.alt).startswith(dec(seq) + dec([enc.alt]))
 
 
-def test_encode_pair_rejects_boundary_merges_and_identical_candidates(tokenizer):
-  merge = tasks.Pair("x = (", "y = (", ")\n", "]\n")  # `(` + `)` pre-tokenise together
-  with pytest.raises(tasks.PairRejected, match="merges"):
-    tasks.encode_pair(tokenizer, merge, 128)
+def test_encode_pair_regroups_boundary_merges_and_rejects_ambiguity(tokenizer):
+  dec = lambda ids: tokenizer.decode(list(ids))
+  # `)` + `:\n` merge: the model reads `def f(a, b` and is asked `):\n` vs `)`.
+  enc = tasks.encode_pair(tokenizer, tasks.Pair("def f(a, b)", "def g(x)", ":\n", " ->"), 128)
+  assert dec(enc.seq_a) + dec([enc.tok]) == "def f(a, b):\n"
+  assert (dec(enc.seq_b), dec([enc.alt])) == ("def g(x", ")")
+  assert len(enc.seq_a) == len(tokenizer.encode("def f(a, b)").ids) - 1
+  # BPE splits `x = (` two ways before `)` and `]`, at ` ` vs ` (`: nothing to predict.
+  with pytest.raises(tasks.PairRejected, match="splits the end of the prompt two ways"):
+    tasks.encode_pair(tokenizer, tasks.Pair("x = (", "y = (", ")\n", "]\n"), 128)
   same = tasks.Pair("x = 1", "y = 2", "\n", "\n")
   with pytest.raises(tasks.PairRejected, match="same tokens"):
     tasks.encode_pair(tokenizer, same, 128)
+  # Indentation splits two ways ("   " + " return" vs "    " + "\n"): nothing to predict.
+  indent = tasks.Pair("def f():\n    ", "def g():\n    ", "return", "\n")
+  with pytest.raises(tasks.PairRejected, match="splits the end of the prompt two ways"):
+    tasks.encode_pair(tokenizer, indent, 128)
 
 
 def test_build_taskset_shapes_determinism_and_disjoint_splits(tokenizer):
@@ -313,13 +325,13 @@ def test_user_task_file_pairs_and_mixes_into_a_taskset(tokenizer, tmp_path):
     (["[1, 2]\n"], r":1: expected a JSON object"),
     ([], r": empty task file"),
     (["\n", "  \n"], r": empty task file"),
-    ([{"prompt": "x = 1", "target": " hello world again", "alt": "\n"}],
-     r":1: target ' hello world again' is \d+ tokens"),
-    ([{"prompt": "x = (", "target": ")\n", "alt": "]\n"}], r":1: target .*merges"),
-    ([{"prompt": "x = 1", "target": "\n", "alt": "\n"}], r":1: target and alt are the same"),
+    ([{"prompt": "def f():\n    ", "target": "return", "alt": "\n"}],
+     r":1: BPE splits the end of the prompt two ways .* \(target 'return', alt '\\n'\)"),
+    ([{"prompt": "x = 1", "target": "\n", "alt": "\n"}], r":1: tok and alt tokenise to the same"),
+    ([{"prompt": "x", "target": ":\n", "alt": None}], r":1: 'alt': null .* needs 'alt_prompt'"),
     ([{"prompt": "x = 1", "target": "\n", "alt": ":\n"}], r":1: no line with target"),
     ([{"prompt": "x = 1", "alt_prompt": "x = 1", "target": "\n", "alt": ":\n"}],
-     r":1: alt_prompt must differ"),
+     r":1: prompts A and B tokenise identically"),
     ([{"prompt": "x = 1", "target": "\n", "alt": ":\n"},
       {"prompt": "x = 1", "target": ":\n", "alt": "\n"}], r":1: same prompt as line 2"),
 ])
@@ -327,6 +339,84 @@ def test_malformed_task_files_name_the_file_and_line(tokenizer, tmp_path, lines,
   path = _write(tmp_path, lines)
   with pytest.raises(tasks.TaskFileError, match=re.escape(path) + match):
     tasks.load_task_file(path, tokenizer)
+
+
+def test_natural_prompts_load_as_the_generators_tokenise_them(tokenizer, tmp_path):
+  """`def f(a, b)` + `:\n` merges `)` and `:\n` (the project's 2048-token BPE merges `):` too);
+  a prompt ending in indentation loses a space to ` return`. Both are read as the generators
+  read them, not refused."""
+  dec = lambda ids: tokenizer.decode(list(ids))
+  path = _write(tmp_path, [
+      {"prompt": "def f(a, b)", "target": ":\n", "alt": " ->"},
+      {"prompt": "def g(x)", "target": " ->", "alt": ":\n"},
+      {"prompt": "def f():\n    ", "alt_prompt": "while x:\n    ", "target": "return",
+       "alt": "pass"},
+  ])
+  (p1, e1), (p2, e2) = tasks.load_task_file(path, tokenizer)
+  assert (p1.prompt_a, p1.prompt_b) == ("def f():\n    ", "while x:\n    ")
+  assert dec([e1.tok]) == " return" and " pass".startswith(dec([e1.alt]))
+  assert dec(e1.seq_a) + dec([e1.tok]) == "def f():\n    return"
+  assert (p2.prompt_a, p2.prompt_b) == ("def f(a, b)", "def g(x)")
+  assert dec(e2.seq_a) + dec([e2.tok]) == "def f(a, b):\n"  # `):\n` vs `)` after `def f(a, b`
+  assert dec(e2.seq_b) == "def g(x" and dec([e2.alt]) == ")"
+  assert [e2.tok] == tokenizer.encode("):\n").ids
+  ts = tasks.build_taskset(tokenizer, [f"file:{path}"], n_train=2, n_heldout=1)
+  assert not np.asarray(ts.train.vs_rest_P).any()
+
+
+def _hand_loss(logits_Sx2xV, tok_P, alt_P, vs_rest):
+  """The authors' two-sided loss, per-sequence mean, from full logits (float64 numpy)."""
+  logp = logits_Sx2xV - np.log(np.exp(logits_Sx2xV).sum(-1, keepdims=True))
+  out = []
+  for (la, lb), t, a in zip(logp, tok_P, alt_P):
+    if vs_rest:  # -log p(tok | A) - log(1 - p(tok | B)), full vocabulary
+      out += [-la[t], -np.log1p(-np.exp(lb[t]))]
+    else:  # softmax over {tok, alt} only
+      out += [-(la[t] - np.logaddexp(la[t], la[a])), -(lb[a] - np.logaddexp(lb[t], lb[a]))]
+  return np.mean(out)
+
+
+def test_not_x_loss_matches_a_hand_computation_on_a_tiny_model():
+  cfg = ModelConfig(n_layer=1, d_model=16, n_head=1, d_head=16, d_mlp=16, vocab_size=12,
+                    block_size=8)
+  params = model_lib.init_params(cfg, jax.random.key(1))
+  params["bigram"] = jax.random.normal(jax.random.key(2), params["bigram"].shape)  # spread p
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 12, (3, 2, 8)).astype(np.int32)
+  last = np.array([[7, 5], [3, 6], [4, 4]], np.int32)
+  tok, alt = np.array([2, 5, 9], np.int32), np.array([3, 1, 4], np.int32)
+  logits = np.stack([np.asarray(model_lib.forward(params, jnp.asarray(tokens[:, s]), cfg),
+                                np.float64)[np.arange(3), last[:, s]] for s in range(2)], 1)
+  for vs_rest in (True, False):
+    arrays = tasks.TaskArrays(jnp.asarray(tokens), jnp.asarray(last), jnp.asarray(tok),
+                              jnp.asarray(tok if vs_rest else alt), jnp.full(3, vs_rest))
+    loss, acc = tasks.task_metrics(params, cfg, arrays)
+    want = _hand_loss(logits, tok, np.asarray(arrays.alt_P), vs_rest)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    if vs_rest:  # right on B when p(tok | B) < 1/2
+      p_tok = np.exp(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))[np.arange(3), :, tok]
+      np.testing.assert_allclose(float(acc), np.mean([p_tok[:, 0] > 0.5, p_tok[:, 1] < 0.5]))
+  # Pairs without the flag (vs_rest_P None) are two-way, as before.
+  two_way = tasks.TaskArrays(jnp.asarray(tokens), jnp.asarray(last), jnp.asarray(tok),
+                             jnp.asarray(alt))
+  np.testing.assert_allclose(float(tasks.task_metrics(params, cfg, two_way)[0]),
+                             _hand_loss(logits, tok, alt, False), rtol=1e-5)
+
+
+def test_else_elif_is_x_vs_not_x_in_tasksets_and_files(tokenizer, tmp_path):
+  ts = tasks.build_taskset(tokenizer, ["else_elif", "for_while"], n_train=3, n_heldout=2)
+  flags = np.asarray(ts.heldout.vs_rest_P)
+  assert flags[0].all() and not flags[1].any()
+  np.testing.assert_array_equal(ts.heldout.alt_P[0], ts.heldout.tok_P[0])
+  colon = tokenizer.encode(":\n").ids
+  assert len(colon) == 1 and (np.asarray(ts.heldout.tok_P[0]) == colon[0]).all()
+  path = _write(tmp_path, [
+      {"prompt": f"if {x}:\n    pass\nelse", "alt_prompt": f"if {x}:\n    pass\nelif",
+       "target": ":\n", "alt": None} for x in ("a", "b", "c")])
+  pairs = tasks.load_task_file(path, tokenizer)
+  assert [e.alt for _, e in pairs] == [None] * 3 and pairs[0][0].alt is None
+  ts = tasks.build_taskset(tokenizer, [f"file:{path}"], n_train=2, n_heldout=1)
+  assert np.asarray(ts.train.vs_rest_P).all()
 
 
 def test_missing_task_file_and_too_few_pairs(tokenizer, tmp_path):

@@ -4,6 +4,8 @@
 system: OSError, including a workdir that is a file, a read-only disk or a busy lock; a
 non-finite loss: FloatingPointError) prints one `error: ...` line to stderr and returns 2;
 Ctrl-C prints one line and returns 130. Anything else is a bug and keeps its traceback.
+`cli.run(main)` is what `python -m experiments.X` calls: the log setup, then main. (Calling
+main(argv) in-process, as the tests do, leaves the host's logging alone.)
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ def setup_logging(level: int = logging.INFO) -> None:
   handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
   for name in PROJECT_LOGGERS:
     logger = logging.getLogger(name)
-    logger.handlers = [handler]  # idempotent: main may be called many times in one process
+    logger.handlers = [handler]  # idempotent
     logger.setLevel(level)
     logger.propagate = False
+  # orbax logs a failed background save as tracebacks from each of its threads; the same
+  # failure reaches main as an exception, printed as one `error:` line.
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 def one_line(e: BaseException) -> str:
@@ -40,7 +45,6 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
 
   @functools.wraps(main)
   def wrapped(argv: list[str] | None = None) -> int:
-    setup_logging()
     try:
       return main(argv)
     except KeyboardInterrupt:
@@ -51,3 +55,9 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
       return 2
 
   return wrapped
+
+
+def run(main: Callable[..., int]) -> None:
+  """The `__main__` entry point of a CLI: shows the project's logs, runs main, exits."""
+  setup_logging()
+  sys.exit(main())

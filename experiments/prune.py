@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 from pathlib import Path
 
 from experiments import cli
@@ -120,4 +119,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

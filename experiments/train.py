@@ -6,7 +6,6 @@ Rerunning the same command resumes from the latest good checkpoint in DIR.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import jax
 
@@ -40,4 +39,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

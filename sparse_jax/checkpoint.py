@@ -147,6 +147,10 @@ def make_manager(workdir: str | Path, cfg: Config) -> ocp.CheckpointManager:
               log_spaced_steps(cfg.train.steps, cfg.train.n_log_ckpts) + (cfg.train.steps,))]
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
+      # A step directory that cannot be created (read-only or full disk) then fails in
+      # save() itself, at once; created in orbax's background thread, the failure left other
+      # threads waiting on it for minutes before the process could exit.
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
       create=True)
   return ocp.CheckpointManager(Path(workdir).absolute() / CKPT_DIR, options=options)
 

@@ -39,7 +39,7 @@ from sparse_jax.config import Config
 
 METRICS_FILE = "metrics.jsonl"
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
@@ -193,7 +193,7 @@ def _train(cfg: Config, workdir: Path, progress: bool) -> TrainState:
   start = int(state.step)
   last_saved = start if start > 0 else None
   if start:
-    log.info("resuming %s from step %d", workdir, start)
+    logger.info("resuming %s from step %d", workdir, start)
   log = MetricsLog(workdir, start)
   specs = sparsity.leaf_specs(state.params, cfg.sparsity)
   lr_fn = sparsity.learning_rate_fn(cfg.optim, cfg.sparsity, specs, tc.steps)
@@ -237,9 +237,11 @@ def _train(cfg: Config, workdir: Path, progress: bool) -> TrainState:
       bar.update(1)
   finally:
     bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    log.close()
+    try:
+      manager.wait_until_finished()  # raises a failed background save (e.g. disk full)
+    finally:
+      manager.close()
+      log.close()
   return state
 
 

@@ -179,11 +179,12 @@ def test_io_faults_are_one_line_before_any_work(tmp_path, base):
                                     "tiny", "--out", str(blocker / "sweep")], "--out"),
   }
   for name, (args, expected) in cases.items():
-    t0 = time.time()
-    line = error_line(run_cli(args, timeout=120))
+    line = error_line(run_cli(args, timeout=600))
     assert expected in line, (name, line)
-    assert time.time() - t0 < 60, name  # failed up front, not after training or searching
-  assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("checkpoints/*"))
+  # Failed up front: no tokenizer, checkpoint, means cache or sweep point was made.
+  assert not (tmp_path / "r" / "tokenizer.json").exists()
+  assert not list((tmp_path / "r").rglob("checkpoints/*"))
+  assert not list(base[0].glob("means_*"))
 
 
 def test_sigint_stops_with_one_line_and_resumes_exactly(base, tmp_path):
@@ -191,11 +192,11 @@ def test_sigint_stops_with_one_line_and_resumes_exactly(base, tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   proc = subprocess.Popen(train_cmd(workdir, cache, "train.steps=20"), env=env, text=True,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.time() + 120
+  deadline = time.time() + 600
   while not (workdir / "checkpoints" / "10").exists() and time.time() < deadline:
     time.sleep(0.05)
   proc.send_signal(signal.SIGINT)
-  _, stderr = proc.communicate(timeout=120)
+  _, stderr = proc.communicate(timeout=600)
   result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
   if proc.returncode == 0:
     pytest.skip("the run finished before the interrupt arrived (machine too fast)")
@@ -299,11 +300,10 @@ def test_flipped_byte_in_checkpoint_is_detected(run, base, caplog):
      "circuit.extra_targets"),
 ])
 def test_arguments_validated_before_compute(main, argv, field, capsys):
-  t0 = time.time()
+  # prune's --workdir does not exist: naming the argument shows it was checked first.
   assert main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "\n" not in err and field in err, err
-  assert time.time() - t0 < 5
 
 
 def test_empty_task_list_is_named():

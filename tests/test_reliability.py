@@ -353,9 +353,17 @@ def test_sigkill_campaign_ends_bitwise_identical(base, tmp_path):
   run_cli(train_cmd(tmp_path / "ref", cache, steps), check=True)
   kills = 0
   while kills < n_kills:
+    # A random point measured in training progress (not seconds, which a loaded machine
+    # spends on startup): past a random step beyond the last checkpoint, plus a random
+    # fraction of a second, which lands in steps, evaluations and checkpoint writes.
+    done = max(ckpt_lib.checkpoint_steps(workdir), default=0)
+    target = rng.randrange(done + 1, 40)
+    started = time.time()
     proc = subprocess.Popen(train_cmd(workdir, cache, steps), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(rng.uniform(2.0, 12.0))  # startup, data, compile, steps, checkpoint writes
+    while proc.poll() is None and _last_logged_step(workdir, started) < target:
+      time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 1.0))
     if proc.poll() is not None:
       break  # finished before this kill: the campaign ends early
     proc.send_signal(signal.SIGKILL)
@@ -368,3 +376,16 @@ def test_sigkill_campaign_ends_bitwise_identical(base, tmp_path):
   ref_rows, got_rows = train_lib.read_metrics(tmp_path / "ref"), train_lib.read_metrics(workdir)
   assert got_rows == _without_speed(ref_rows, got_rows)
   assert not list((workdir / "checkpoints").glob("*.corrupt*"))
+
+
+def _last_logged_step(workdir: Path, since: float) -> int:
+  """The last step in metrics.jsonl, once the process started at `since` has written it (on
+  resume it first rewrites the file without the rows past its checkpoint)."""
+  path = workdir / "metrics.jsonl"
+  try:
+    if path.stat().st_mtime < since:
+      return 0
+    rows = fileio.read_jsonl(path)
+  except (OSError, ValueError):
+    return 0
+  return max((r.get("step", 0) for r in rows), default=0)

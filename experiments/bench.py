@@ -26,11 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import cli
 from experiments import presets
 from sparse_jax import model as model_lib
 from sparse_jax import sparsity
 from sparse_jax import train as train_lib
 from sparse_jax.config import Config, apply_overrides
+
+
+SECTIONS = ("optimizer", "train_step", "circuits")
 
 
 def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int):
@@ -97,6 +101,7 @@ def bench_train_step(cfg: Config, repeats: int) -> dict:
           "dense_tokens_per_s": tokens / t_dense, "ratio_sparse_over_dense": t_sparse / t_dense}
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--repeats", type=int, default=10)
   args = parser.parse_args(argv)
   cfg = apply_overrides(presets.get_config(args.preset), args.overrides)
-  sections = args.only.split(",")
+  sections = [s for s in args.only.split(",") if s]
+  unknown = sorted(set(sections) - set(SECTIONS))
+  if unknown or not sections:
+    raise ValueError(f"--only {args.only!r}: unknown or no sections {unknown}; choose from "
+                     + ",".join(SECTIONS))
+  if args.repeats <= 0:
+    raise ValueError(f"--repeats: must be a positive integer, got {args.repeats}")
   out = {"preset": args.preset, "overrides": args.overrides, "devices": jax.device_count(),
          "backend": jax.default_backend(),
          "model": dataclasses.asdict(cfg.model), "sparsity": dataclasses.asdict(cfg.sparsity)}
@@ -123,4 +134,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

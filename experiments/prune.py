@@ -4,21 +4,22 @@
                               [--out DIR] [--step N] [--set circuit.field=value ...]
 
 Loads the run's latest good checkpoint (or --step), its tokenizer and config; computes (once
-per checkpoint, cached as RUN/means_<step>.npz) the mean activation of every node site over
-validation batches of the pretraining data; builds the tasks with the run's tokenizer; trains
-node masks for all tasks as one vmapped program; writes one JSON and one graph PNG per task
-plus summary.json into --out (default RUN/circuits).
+per checkpoint and data setting, cached as RUN/means_<step>_<key>.npz) the mean activation of
+every node site over validation batches of the pretraining data; builds the tasks with the
+run's tokenizer; trains node masks for all tasks as one vmapped program; writes one JSON and
+one graph PNG per task plus summary.json into --out (default RUN/circuits).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
-import logging
-import sys
+import math
 from pathlib import Path
 
+from experiments import cli
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import circuits as circuits_lib
 from sparse_jax import data as data_lib
@@ -35,6 +36,9 @@ def prune(workdir: str | Path, *, task_names: list[str] | None = None,
   cfg, params, step = ckpt_lib.load_params(workdir, step)
   ccfg = circuit_cfg or cfg.circuit
   out = Path(out) if out is not None else workdir / "circuits"
+  # Both are written only after the search: prove they can be, before it starts.
+  fileio.check_writable_dir(out, "--out")
+  fileio.check_writable_dir(workdir, "--workdir (the means cache is written there)")
   tokenizer = data_lib.load_tokenizer(workdir)
   taskset = circuits_lib.circuit_taskset(tokenizer, task_names, ccfg,
                                          max_len=min(128, cfg.model.block_size))
@@ -43,7 +47,8 @@ def prune(workdir: str | Path, *, task_names: list[str] | None = None,
     dataset = data_lib.prepare_data(cfg)
     batches = dataset.val_batches(ccfg.mean_batches, cfg.train.batch_size, cfg.train.seq_len)
     return batches[:, :, :-1]
-  means = masks.cached_means(str(workdir / f"means_{step}.npz"), params, cfg.model, val_batches)
+  means = masks.cached_means(str(means_path(workdir, step, cfg, ccfg)), params, cfg.model,
+                             val_batches)
   found = circuits_lib.find_circuits(params, cfg.model, taskset, means, ccfg, progress=progress)
   for circuit in found:
     circuits_lib.save_circuit(circuit, str(out))
@@ -60,6 +65,17 @@ def prune(workdir: str | Path, *, task_names: list[str] | None = None,
   return summary
 
 
+def means_path(workdir: Path, step: int, cfg, ccfg: CircuitConfig) -> Path:
+  """The means cache of a checkpoint, keyed by every setting that shapes the means: the
+  data (corpus, mixture, split, seed), the batch shape and circuit.mean_batches."""
+  data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "cache_dir"}
+  shape = {"data": data, "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
+           "mean_batches": ccfg.mean_batches}
+  key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
+  return workdir / f"means_{step}_{key}.npz"
+
+
+@cli.command
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,21 +89,25 @@ def main(argv: list[str] | None = None) -> int:
                       metavar="circuit.FIELD=VALUE")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  try:
-    cfg = ckpt_lib.load_config(args.workdir)
-    if any(not o.startswith("circuit.") for o in args.overrides):
-      raise ValueError("prune only takes circuit.* overrides")
-    cfg = apply_overrides(cfg, args.overrides)
-    ccfg = cfg.circuit
-    if args.target_loss is not None:
-      ccfg = dataclasses.replace(ccfg, target_loss=args.target_loss)
-    names = None if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
-    summary = prune(args.workdir, task_names=names, circuit_cfg=ccfg, out=args.out,
-                    step=args.step, progress=not args.no_progress)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  # Every argument is checked before the checkpoint is even read.
+  if any(not o.startswith("circuit.") for o in args.overrides):
+    raise ValueError("prune only takes circuit.* overrides")
+  if args.target_loss is not None and not (math.isfinite(args.target_loss)
+                                           and args.target_loss > 0):
+    raise ValueError(f"--target-loss: must be a finite loss > 0, got {args.target_loss}")
+  if args.step is not None and args.step < 0:
+    raise ValueError(f"--step: must be >= 0, got {args.step}")
+  names = None if args.tasks == "all" else [t for t in args.tasks.split(",") if t.strip()]
+  if names == []:
+    raise ValueError(f"--tasks {args.tasks!r}: no task names; give a comma-separated list or all")
+  if args.out is not None:
+    fileio.check_writable_dir(args.out, "--out")
+  cfg = apply_overrides(ckpt_lib.load_config(args.workdir), args.overrides)
+  ccfg = cfg.circuit
+  if args.target_loss is not None:
+    ccfg = dataclasses.replace(ccfg, target_loss=args.target_loss)
+  summary = prune(args.workdir, task_names=names, circuit_cfg=ccfg, out=args.out,
+                  step=args.step, progress=not args.no_progress)
   # loss: the circuit's calibrated test loss (the unablated model's when unsolvable);
   # test: whether the circuit meets the target on the test pairs.
   print(f"{'task':32s} {'solved':>6s} {'nodes':>6s} {'edges':>7s} {'qk':>4s} {'loss':>7s} "
@@ -102,4 +122,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import jax
 
+from experiments import cli
 from experiments import presets
 from experiments import prune as prune_lib
 from experiments import sweep_report
@@ -37,6 +38,9 @@ from sparse_jax import sweep as sweep_lib
 from sparse_jax import train as train_lib
 from sparse_jax.config import apply_overrides
 
+log = logging.getLogger("experiments.scale_sweep")  # not __name__: that is "__main__" under -m
+_REDO = "delete it to redo that stage"
+
 
 def _training_done(workdir: Path, steps: int) -> bool:
   return (workdir / ckpt_lib.CKPT_DIR / str(steps)).is_dir()
@@ -46,7 +50,7 @@ def _pruning_done(workdir: Path, circuit_cfg) -> bool:
   path = workdir / "circuits" / "summary.json"
   if not path.exists():
     return False
-  return json.loads(path.read_text())["circuit_config"] == json.loads(
+  return fileio.read_json(path, _REDO).get("circuit_config") == json.loads(
       json.dumps(dataclasses.asdict(circuit_cfg)))
 
 
@@ -54,7 +58,7 @@ def run_point(point: sweep_lib.Point, out: Path, *, progress: bool = True) -> No
   """Trains (or resumes) and prunes one grid point; finished stages are skipped."""
   workdir = out / "points" / point.name
   timing_path = workdir / "timing.json"
-  timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+  timing = fileio.read_json(timing_path, _REDO) if timing_path.exists() else {}
   if not _training_done(workdir, point.config.train.steps):
     t0 = time.perf_counter()
     train_lib.train(point.config, workdir, progress=progress)
@@ -65,7 +69,7 @@ def run_point(point: sweep_lib.Point, out: Path, *, progress: bool = True) -> No
     t0 = time.perf_counter()
     prune_lib.prune(workdir, circuit_cfg=point.config.circuit, progress=progress)
     timing["prune_s"] = time.perf_counter() - t0
-  if not timing_path.exists() or json.loads(timing_path.read_text()) != timing:
+  if not timing_path.exists() or fileio.read_json(timing_path) != timing:
     fileio.atomic_write_text(timing_path, json.dumps(timing))
 
 
@@ -80,11 +84,11 @@ def point_row(point: sweep_lib.Point, out: Path) -> dict | None:
   stats = sparsity.l0_stats(params, specs)
   l0 = sum(v for k, v in stats.items() if k.startswith("sparsity/l0/"))
   val = [r["val/loss"] for r in train_lib.read_metrics(workdir) if "val/loss" in r]
-  summary = json.loads((workdir / "circuits" / "summary.json").read_text())
+  summary = fileio.read_json(workdir / "circuits" / "summary.json", _REDO)
   solved = {t: s for t, s in summary["tasks"].items() if s["solvable"]}
   curves = {}
   for task in summary["tasks"]:
-    rec = json.loads((workdir / "circuits" / f"{file_stem(task)}.json").read_text())
+    rec = fileio.read_json(workdir / "circuits" / f"{file_stem(task)}.json", _REDO)
     curves[task] = rec.get("search", {}).get("by_target", [])
   timing_path = workdir / "timing.json"
   return {
@@ -100,7 +104,7 @@ def point_row(point: sweep_lib.Point, out: Path) -> dict | None:
       "task_nodes": {t: s["n_nodes"] for t, s in solved.items()},
       "task_loss_full": {t: s["loss_full"] for t, s in summary["tasks"].items()},
       "size_vs_target": curves, "unavailable": summary["unavailable"],
-      "timing": json.loads(timing_path.read_text()) if timing_path.exists() else {}}
+      "timing": fileio.read_json(timing_path, _REDO) if timing_path.exists() else {}}
 
 
 def collect(sweep: sweep_lib.SweepConfig, out: Path, *, command: str) -> dict:
@@ -153,6 +157,7 @@ def _write_csv(rows: list[dict], targets: list[float], path: Path) -> None:
   fileio.atomic_write(path, write)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,37 +172,33 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() first; run on every host")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  out = Path(args.out or f"runs/sweep_{args.preset}")
+  sweep = presets.get_sweep(args.preset)
+  sweep = dataclasses.replace(sweep, base=apply_overrides(sweep.base, args.overrides))
+  points = sweep_lib.grid(sweep)
+  if args.list:
+    for i, p in enumerate(points):
+      m, s = p.config.model, p.config.sparsity
+      dens = (f"weight density {s.weight_density:.4f}, embed {s.embed_density:.4f}"
+              if s.enabled else "dense")
+      print(f"{i:3d}  {p.name:24s} d_model={m.d_model} n_layer={m.n_layer} {dens}")
+    return 0
+  if args.only is not None and not 0 <= args.only < len(points):
+    raise ValueError(f"--only {args.only}: the grid has points 0..{len(points) - 1}")
+  fileio.check_writable_dir(out, "--out")  # before hours of training, not after
   if args.distributed:
     jax.distributed.initialize()
-  out = Path(args.out or f"runs/sweep_{args.preset}")
-  try:
-    sweep = presets.get_sweep(args.preset)
-    sweep = dataclasses.replace(sweep, base=apply_overrides(sweep.base, args.overrides))
-    points = sweep_lib.grid(sweep)
-    if args.list:
-      for i, p in enumerate(points):
-        m, s = p.config.model, p.config.sparsity
-        dens = (f"weight density {s.weight_density:.4f}, embed {s.embed_density:.4f}"
-                if s.enabled else "dense")
-        print(f"{i:3d}  {p.name:24s} d_model={m.d_model} n_layer={m.n_layer} {dens}")
-      return 0
-    if args.only is not None and not 0 <= args.only < len(points):
-      raise ValueError(f"--only {args.only}: the grid has points 0..{len(points) - 1}")
-    if not args.collect:
-      todo = points if args.only is None else [points[args.only]]
-      for i, p in enumerate(todo):
-        logging.info("sweep point %d/%d: %s", i + 1, len(todo), p.name)
-        run_point(p, out, progress=not args.no_progress)
-    command = "python -m experiments.scale_sweep " + " ".join(argv if argv is not None
-                                                               else sys.argv[1:])
-    results = collect(sweep, out, command=command.strip())
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if not args.collect:
+    todo = points if args.only is None else [points[args.only]]
+    for i, p in enumerate(todo):
+      log.info("sweep point %d/%d: %s", i + 1, len(todo), p.name)
+      run_point(p, out, progress=not args.no_progress)
+  command = "python -m experiments.scale_sweep " + " ".join(argv if argv is not None
+                                                             else sys.argv[1:])
+  results = collect(sweep, out, command=command.strip())
   print(f"wrote {out}/report.md ({len(results['rows'])} of {len(points)} points finished)")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

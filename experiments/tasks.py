@@ -16,6 +16,7 @@ import sys
 
 from tokenizers import Tokenizer
 
+from experiments import cli
 from sparse_jax import data
 from sparse_jax import tasks
 from sparse_jax.config import DataConfig
@@ -93,6 +94,7 @@ def show_task(tokenizer, name: str, *, n: int = 3, seed: int = 0, max_len: int =
   return "\n".join(out)
 
 
+@cli.command
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   what = parser.add_mutually_exclusive_group(required=True)
@@ -105,17 +107,17 @@ def main(argv=None) -> int:
   where.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json file")
   where.add_argument("--workdir", metavar="RUN", help="a training run dir with tokenizer.json")
   args = parser.parse_args(argv)
-  try:
-    tokenizer = get_tokenizer(args.tokenizer, args.workdir)
-    if args.list:
-      print(list_tasks(tokenizer, seed=args.seed, max_len=args.max_len))
-    else:
-      print(show_task(tokenizer, args.show, n=args.n, seed=args.seed, max_len=args.max_len))
-  except (ValueError, OSError) as e:  # TaskFileError and TaskUnavailable are ValueErrors
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if args.n <= 0:
+    raise ValueError(f"-n: must be a positive number of examples, got {args.n}")
+  if args.max_len < 2:
+    raise ValueError(f"--max-len: must be at least 2 tokens, got {args.max_len}")
+  tokenizer = get_tokenizer(args.tokenizer, args.workdir)
+  if args.list:
+    print(list_tasks(tokenizer, seed=args.seed, max_len=args.max_len))
+  else:  # TaskFileError and TaskUnavailable are ValueErrors: one line via cli.command
+    print(show_task(tokenizer, args.show, n=args.n, seed=args.seed, max_len=args.max_len))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

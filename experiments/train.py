@@ -6,11 +6,10 @@ Rerunning the same command resumes from the latest good checkpoint in DIR.
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 import jax
 
+from experiments import cli
 from experiments import presets
 from sparse_jax import train as train_lib
 from sparse_jax.config import apply_overrides
@@ -20,6 +19,7 @@ def build_config(preset: str, overrides: list[str]):
   return apply_overrides(presets.get_config(preset), overrides)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--preset", default="cpu", choices=presets.PRESETS)
@@ -31,17 +31,12 @@ def main(argv: list[str] | None = None) -> int:
                       help="call jax.distributed.initialize() first (multi-host: TPU pods, "
                            "SLURM or explicit coordinator env vars); run on every host")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  cfg = build_config(args.preset, args.overrides)  # validated before anything starts
   if args.distributed:
     jax.distributed.initialize()
-  try:
-    cfg = build_config(args.preset, args.overrides)
-    train_lib.train(cfg, args.workdir, progress=not args.no_progress)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  train_lib.train(cfg, args.workdir, progress=not args.no_progress)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

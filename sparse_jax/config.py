@@ -227,13 +227,13 @@ class CircuitConfig:
   def __post_init__(self):
     for name in ("lr", "heaviside_temp", "target_loss"):
       value = getattr(self, name)
-      if not isinstance(value, (int, float)) or not value > 0:
-        _fail(f"circuit.{name}", f"must be > 0, got {value!r}")
+      if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        _fail(f"circuit.{name}", f"must be finite and > 0, got {value!r}")
     object.__setattr__(self, "k_coef_grid", tuple(self.k_coef_grid))
     object.__setattr__(self, "extra_targets", tuple(self.extra_targets))
     for value in self.extra_targets:
-      if not isinstance(value, (int, float)) or not value > 0:
-        _fail("circuit.extra_targets", f"must be > 0, got {value!r}")
+      if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        _fail("circuit.extra_targets", f"must be finite and > 0, got {value!r}")
     for value in (self.k_coef, *self.k_coef_grid):
       if not isinstance(value, (int, float)) or value < 0:
         _fail("circuit.k_coef", f"must be >= 0, got {value!r}")
@@ -258,6 +258,13 @@ class Config:
   circuit: CircuitConfig = CircuitConfig()
 
   def __post_init__(self):
+    # No setting has a use for nan or inf (a target loss of inf is met by any circuit).
+    for section in dataclasses.fields(self):
+      for f in dataclasses.fields(getattr(self, section.name)):
+        value = getattr(getattr(self, section.name), f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+          if isinstance(v, float) and not math.isfinite(v):
+            _fail(f"{section.name}.{f.name}", f"must be finite, got {v!r}")
     if self.train.seq_len > self.model.block_size:
       _fail("train.seq_len", f"{self.train.seq_len} exceeds model.block_size="
             f"{self.model.block_size}")

@@ -27,10 +27,10 @@ import logging
 import os
 import sysconfig
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from sparse_jax import corpus_gen
-from sparse_jax.fileio import atomic_write
+from sparse_jax.fileio import atomic_write, check_writable_dir
 
 SIMPLE_DOCS = 5000  # modules in the `simple` source: about 3.2M tokens at vocab 2048
 SIMPLE_SEED = 0
@@ -204,17 +204,31 @@ def fingerprint(docs: Iterable[Document]) -> str:
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
-  """`cache_dir` if given, else $SPARSE_JAX_CACHE, else ~/.cache/sparse_jax (created)."""
+  """`cache_dir` if given, else $SPARSE_JAX_CACHE, else ~/.cache/sparse_jax (created, and
+  checked writable up front)."""
   path = Path(cache_dir or os.environ.get("SPARSE_JAX_CACHE") or "~/.cache/sparse_jax")
-  path = path.expanduser()
-  path.mkdir(parents=True, exist_ok=True)
-  return path
+  return check_writable_dir(path.expanduser(), "data cache dir")
 
 
-def cached(path: Path, write: Callable[[Path], None], what: str) -> Path:
-  """Returns path, first building it with `atomic_write` if it is missing."""
+def cached(path: Path, write: Callable[[Path], None], what: str,
+           load: Callable[[Path], Any] | None = None) -> Any:
+  """Builds path with `atomic_write` if it is missing; returns load(path) (or path).
+
+  A cached file that `load` cannot read (truncated or damaged on disk) is rebuilt, with a
+  warning: it is a cache, so the fix is always to compute it again.
+  """
   hit = path.exists()
+  if hit and load is not None:
+    try:
+      out = load(path)
+      log.info("%s: cached %s", what, path)
+      return out
+    except Exception as e:  # pylint: disable=broad-except
+      # Each loader has its own error type (tokenizers raises a bare Exception).
+      log.warning("%s: unreadable cache file %s (%s); rebuilding it", what, path,
+                  str(e)[:200])
+      hit = False
   if not hit:
     atomic_write(path, write)
   log.info("%s: %s %s", what, "cached" if hit else "wrote", path)
-  return path
+  return path if load is None else load(path)

@@ -108,8 +108,9 @@ def get_tokenizer(docs: Sequence[Document], vocab_size: int, cache_dir: Path) ->
     log.info("training a %d-token BPE on %d documents (%.1f MB)", vocab_size, len(docs),
              sum(len(d.text) for d in docs) / 1e6)
     train_tokenizer((d.text for d in docs), vocab_size).save(str(tmp))
-  path = cached(cache_dir / f"tokenizer-{key}.json", write, "tokenizer")
-  return _literal_specials(Tokenizer.from_file(str(path)))
+  tok = cached(cache_dir / f"tokenizer-{key}.json", write, "tokenizer",
+               load=lambda path: Tokenizer.from_file(str(path)))
+  return _literal_specials(tok)
 
 
 def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike) -> Path:
@@ -166,8 +167,8 @@ def get_tokens(tok: Tokenizer, docs: Sequence[Document], cache_dir: Path, *,
   def write(tmp: Path):
     with open(tmp, "wb") as f:  # a file object, so np.save adds no ".npy" to the temp name
       np.save(f, tokenize_documents(tok, docs, progress=progress))
-  path = cached(cache_dir / f"tokens-{key}.npy", write, "tokens")
-  return np.load(path, mmap_mode="r")
+  return cached(cache_dir / f"tokens-{key}.npy", write, "tokens",
+                load=lambda path: np.load(path, mmap_mode="r"))
 
 
 # Batches ---------------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ values, N nodes, P pairs, C channels of one site.
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import zipfile
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
@@ -36,6 +38,8 @@ from sparse_jax import model as model_lib
 from sparse_jax.config import CircuitConfig, ModelConfig
 from sparse_jax.fileio import atomic_write
 from sparse_jax.tasks import TaskArrays, contrast_loss, pair_logit_diff
+
+log = logging.getLogger(__name__)
 
 Means = Mapping[str, Any]  # site -> mean_C
 
@@ -121,10 +125,15 @@ def cached_means(path: str, params, cfg: ModelConfig, batches: Callable[[], Iter
   """Loads the means at `path` (e.g. beside a checkpoint), or computes and saves them.
 
   `batches()` gives the token batches (as for `compute_means`); it is only called when the
-  file does not exist yet, so loading the pretraining data is skipped when cached.
+  file does not exist yet, so loading the pretraining data is skipped when cached. A cache
+  file that cannot be read back (truncated, damaged, another model's) is recomputed.
   """
   if os.path.exists(path):
-    return load_means(path, cfg)
+    try:
+      return load_means(path, cfg)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+      log.warning("%s: unreadable means cache (%s: %s); recomputing it", path,
+                  type(e).__name__, str(e)[:200])
   means = compute_means(params, cfg, batches())
   save_means(path, means)
   return means

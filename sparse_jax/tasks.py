@@ -62,6 +62,8 @@ from sparse_jax import model as model_lib
 from sparse_jax.config import ModelConfig
 from sparse_jax.task_generators import TASKS, Pair
 
+log = logging.getLogger(__name__)
+
 
 @flax.struct.dataclass
 class TaskArrays:
@@ -376,6 +378,8 @@ def build_taskset(tokenizer, names: Sequence[str] | None = None, *, n_train: int
     ValueError: unknown task name, or no task available. TaskFileError: bad user file.
   """
   names = list(TASKS) if names is None else list(names)
+  if not names:
+    raise ValueError("tasks: the task list is empty; name at least one task (or all)")
   unknown = [n for n in names if not n.startswith("file:") and n not in TASKS]
   if unknown:
     raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(TASKS)} or file:PATH")
@@ -392,10 +396,10 @@ def build_taskset(tokenizer, names: Sequence[str] | None = None, *, n_train: int
       samples, stats = sample_task(tokenizer, name, n_train + n_heldout, seed=seed,
                                    max_len=max_len)
     except TaskUnavailable as e:
-      logging.warning("task %s unavailable: %s", name, e)
+      log.warning("task %s unavailable: %s", name, e)
       unavailable[name] = str(e)
       continue
-    logging.info("task %s: %s", name, stats)
+    log.debug("task %s: %s", name, stats)
     encs = [e for _, e in samples]
     splits[name] = (encs[:n_train], encs[n_train:])
   if not splits:

@@ -39,6 +39,8 @@ from sparse_jax.config import Config
 
 METRICS_FILE = "metrics.jsonl"
 
+logger = logging.getLogger(__name__)
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -119,9 +121,9 @@ class MetricsLog:
     if jax.process_index() != 0:
       return
     if self.path.exists():
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      fileio.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+      # Also drops a partial last line (a kill mid-write), so appending starts on a new line.
+      kept = [row for row in fileio.read_jsonl(self.path) if row.get("step", 0) <= resume_step]
+      fileio.atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
     self._file = open(self.path, "a", encoding="utf-8")
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
@@ -135,10 +137,11 @@ class MetricsLog:
 
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+  """The rows of a run's metrics.jsonl (a partial last line dropped with a warning)."""
   path = Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return fileio.read_jsonl(path)
 
 
 @jax.jit
@@ -164,6 +167,14 @@ def train(cfg: Config, workdir: str | Path, *, progress: bool = True) -> TrainSt
     progress: show a tqdm bar.
   """
   workdir = Path(workdir)
+  # Fail in a second, not after data preparation or at the first checkpoint.
+  fileio.check_writable_dir(workdir, "workdir")
+  fileio.check_writable_dir(workdir / ckpt_lib.CKPT_DIR, "checkpoint directory")
+  with ckpt_lib.locked(workdir):
+    return _train(cfg, workdir, progress)
+
+
+def _train(cfg: Config, workdir: Path, progress: bool) -> TrainState:
   ckpt_lib.check_or_write_config(workdir, cfg)
   tc = cfg.train
   mesh = make_mesh()
@@ -182,7 +193,7 @@ def train(cfg: Config, workdir: str | Path, *, progress: bool = True) -> TrainSt
   start = int(state.step)
   last_saved = start if start > 0 else None
   if start:
-    logging.info("resuming %s from step %d", workdir, start)
+    logger.info("resuming %s from step %d", workdir, start)
   log = MetricsLog(workdir, start)
   specs = sparsity.leaf_specs(state.params, cfg.sparsity)
   lr_fn = sparsity.learning_rate_fn(cfg.optim, cfg.sparsity, specs, tc.steps)
@@ -226,9 +237,11 @@ def train(cfg: Config, workdir: str | Path, *, progress: bool = True) -> TrainSt
       bar.update(1)
   finally:
     bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    log.close()
+    try:
+      manager.wait_until_finished()  # raises a failed background save (e.g. disk full)
+    finally:
+      manager.close()
+      log.close()
   return state
 
 

@@ -28,14 +28,16 @@ from sparse_jax import tasks as tasks_lib
 from sparse_jax.config import CircuitConfig, apply_overrides
 
 
-def prune(workdir: str | Path, *, task_names: list[str] | None = None,
-          circuit_cfg: CircuitConfig | None = None, out: str | Path | None = None,
-          step: int | None = None, progress: bool = True) -> dict:
-  """Finds and saves circuits for a run; returns the summary written to out/summary.json."""
+def find_at_step(workdir: str | Path, *, task_names: list[str] | None, circuit_cfg: CircuitConfig,
+                 step: int | None = None, means_dir: str | Path | None = None,
+                 progress: bool = True):
+  """(step, params, cfg, taskset, circuits) of one checkpoint (latest good one by default).
+
+  The means are cached as means_<step>.npz in means_dir (default: the run directory).
+  """
   workdir = Path(workdir)
   cfg, params, step = ckpt_lib.load_params(workdir, step)
-  ccfg = circuit_cfg or cfg.circuit
-  out = Path(out) if out is not None else workdir / "circuits"
+  ccfg = circuit_cfg
   tokenizer = data_lib.load_tokenizer(workdir)
   taskset = tasks_lib.build_taskset(
       tokenizer, task_names, n_train=ccfg.n_train_pairs, n_heldout=ccfg.n_heldout_pairs,
@@ -45,8 +47,21 @@ def prune(workdir: str | Path, *, task_names: list[str] | None = None,
     dataset = data_lib.prepare_data(cfg)
     batches = dataset.val_batches(ccfg.mean_batches, cfg.train.batch_size, cfg.train.seq_len)
     return batches[:, :, :-1]
-  means = masks.cached_means(str(workdir / f"means_{step}.npz"), params, cfg.model, val_batches)
+  means_path = Path(means_dir if means_dir is not None else workdir) / f"means_{step}.npz"
+  means = masks.cached_means(str(means_path), params, cfg.model, val_batches)
   found = circuits_lib.find_circuits(params, cfg.model, taskset, means, ccfg, progress=progress)
+  return step, params, cfg, taskset, found
+
+
+def prune(workdir: str | Path, *, task_names: list[str] | None = None,
+          circuit_cfg: CircuitConfig | None = None, out: str | Path | None = None,
+          step: int | None = None, progress: bool = True) -> dict:
+  """Finds and saves circuits for a run; returns the summary written to out/summary.json."""
+  workdir = Path(workdir)
+  ccfg = circuit_cfg or ckpt_lib.load_config(workdir).circuit
+  out = Path(out) if out is not None else workdir / "circuits"
+  step, _, _, taskset, found = find_at_step(workdir, task_names=task_names, circuit_cfg=ccfg,
+                                            step=step, progress=progress)
   for circuit in found:
     circuits_lib.save_circuit(circuit, str(out))
   summary = {
@@ -60,29 +75,38 @@ def prune(workdir: str | Path, *, task_names: list[str] | None = None,
   return summary
 
 
+def add_circuit_args(parser: argparse.ArgumentParser) -> None:
+  """--tasks, --target-loss, --set circuit.F=V and --no-progress (see `circuit_args`)."""
+  parser.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+  parser.add_argument("--target-loss", type=float, default=None,
+                      help="held-out task loss the circuit must reach (default: config, 0.15)")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="circuit.FIELD=VALUE")
+  parser.add_argument("--no-progress", action="store_true")
+
+
+def circuit_args(args: argparse.Namespace, workdir: str | Path
+                 ) -> tuple[CircuitConfig, list[str] | None]:
+  """(circuit config, task names or None for all) from the run's config and the arguments."""
+  if any(not o.startswith("circuit.") for o in args.overrides):
+    raise ValueError("only circuit.* overrides are taken here")
+  ccfg = apply_overrides(ckpt_lib.load_config(workdir), args.overrides).circuit
+  if args.target_loss is not None:
+    ccfg = dataclasses.replace(ccfg, target_loss=args.target_loss)
+  return ccfg, None if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, help="a training run directory")
-  parser.add_argument("--tasks", default="all", help="comma-separated task names, or all")
-  parser.add_argument("--target-loss", type=float, default=None,
-                      help="held-out task loss the circuit must reach (default: config, 0.15)")
+  add_circuit_args(parser)
   parser.add_argument("--out", default=None, help="output directory (default RUN/circuits)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-  parser.add_argument("--set", dest="overrides", action="append", default=[],
-                      metavar="circuit.FIELD=VALUE")
-  parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
-    cfg = ckpt_lib.load_config(args.workdir)
-    if any(not o.startswith("circuit.") for o in args.overrides):
-      raise ValueError("prune only takes circuit.* overrides")
-    cfg = apply_overrides(cfg, args.overrides)
-    ccfg = cfg.circuit
-    if args.target_loss is not None:
-      ccfg = dataclasses.replace(ccfg, target_loss=args.target_loss)
-    names = None if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+    ccfg, names = circuit_args(args, args.workdir)
     summary = prune(args.workdir, task_names=names, circuit_cfg=ccfg, out=args.out,
                     step=args.step, progress=not args.no_progress)
   except (ValueError, FileNotFoundError) as e:

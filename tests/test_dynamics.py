@@ -122,6 +122,7 @@ def tiny_run(tmp_path_factory):
   return workdir, cfg, unmet, task, sum(gap[task]) / 2
 
 
+@pytest.mark.slow  # ~1 minute of CPU with the fixture's training
 def test_dynamics_over_checkpoints_and_resume(tiny_run, tmp_path, monkeypatch):
   workdir, cfg, unmet, task, target = tiny_run
   assert dyn_cli.choose_steps(workdir, "all") == [1, 3, 12]
@@ -172,6 +173,7 @@ def test_dynamics_over_checkpoints_and_resume(tiny_run, tmp_path, monkeypatch):
   assert again["tasks"] == summary["tasks"]
 
 
+@pytest.mark.slow  # trains a second run
 def test_compare_two_runs_of_one_seed_is_identical(tiny_run, tmp_path):
   workdir, cfg, _, task, target = tiny_run
   twin = tmp_path / "twin"

@@ -28,17 +28,19 @@ from sparse_jax import masks
 from sparse_jax.config import CircuitConfig, apply_overrides
 
 
-def prune(workdir: str | Path, *, task_names: list[str] | None = None,
-          circuit_cfg: CircuitConfig | None = None, out: str | Path | None = None,
-          step: int | None = None, progress: bool = True) -> dict:
-  """Finds and saves circuits for a run; returns the summary written to out/summary.json."""
+def find_at_step(workdir: str | Path, *, task_names: list[str] | None, circuit_cfg: CircuitConfig,
+                 step: int | None = None, means_dir: str | Path | None = None,
+                 progress: bool = True):
+  """(step, params, cfg, taskset, circuits) of one checkpoint (latest good one by default).
+
+  The means are cached as means_<step>_<key>.npz in means_dir (default: the run directory).
+  """
   workdir = Path(workdir)
   cfg, params, step = ckpt_lib.load_params(workdir, step)
-  ccfg = circuit_cfg or cfg.circuit
-  out = Path(out) if out is not None else workdir / "circuits"
-  # Both are written only after the search: prove they can be, before it starts.
-  fileio.check_writable_dir(out, "--out")
-  fileio.check_writable_dir(workdir, "--workdir (the means cache is written there)")
+  ccfg = circuit_cfg
+  means_dir = Path(means_dir if means_dir is not None else workdir)
+  # Written only after the search's first stage: prove it can be, before it starts.
+  fileio.check_writable_dir(means_dir, "the means cache directory")
   tokenizer = data_lib.load_tokenizer(workdir)
   taskset = circuits_lib.circuit_taskset(tokenizer, task_names, ccfg,
                                          max_len=min(128, cfg.model.block_size))
@@ -47,9 +49,22 @@ def prune(workdir: str | Path, *, task_names: list[str] | None = None,
     dataset = data_lib.prepare_data(cfg)
     batches = dataset.val_batches(ccfg.mean_batches, cfg.train.batch_size, cfg.train.seq_len)
     return batches[:, :, :-1]
-  means = masks.cached_means(str(means_path(workdir, step, cfg, ccfg)), params, cfg.model,
+  means = masks.cached_means(str(means_path(means_dir, step, cfg, ccfg)), params, cfg.model,
                              val_batches)
   found = circuits_lib.find_circuits(params, cfg.model, taskset, means, ccfg, progress=progress)
+  return step, params, cfg, taskset, found
+
+
+def prune(workdir: str | Path, *, task_names: list[str] | None = None,
+          circuit_cfg: CircuitConfig | None = None, out: str | Path | None = None,
+          step: int | None = None, progress: bool = True) -> dict:
+  """Finds and saves circuits for a run; returns the summary written to out/summary.json."""
+  workdir = Path(workdir)
+  ccfg = circuit_cfg or ckpt_lib.load_config(workdir).circuit
+  out = Path(out) if out is not None else workdir / "circuits"
+  fileio.check_writable_dir(out, "--out")  # before the search, not after it
+  step, _, _, taskset, found = find_at_step(workdir, task_names=task_names, circuit_cfg=ccfg,
+                                            step=step, progress=progress)
   for circuit in found:
     circuits_lib.save_circuit(circuit, str(out))
   summary = {
@@ -75,37 +90,48 @@ def means_path(workdir: Path, step: int, cfg, ccfg: CircuitConfig) -> Path:
   return workdir / f"means_{step}_{key}.npz"
 
 
+def add_circuit_args(parser: argparse.ArgumentParser) -> None:
+  """--tasks, --target-loss, --set circuit.F=V and --no-progress (see `circuit_args`)."""
+  parser.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+  parser.add_argument("--target-loss", type=float, default=None,
+                      help="held-out task loss the circuit must reach (default: config, 0.15)")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="circuit.FIELD=VALUE")
+  parser.add_argument("--no-progress", action="store_true")
+
+
+def circuit_args(args: argparse.Namespace, workdir: str | Path
+                 ) -> tuple[CircuitConfig, list[str] | None]:
+  """(circuit config, task names or None for all) from the run's config and the arguments."""
+  if any(not o.startswith("circuit.") for o in args.overrides):
+    raise ValueError("only circuit.* overrides are taken here")
+  ccfg = apply_overrides(ckpt_lib.load_config(workdir), args.overrides).circuit
+  if args.target_loss is not None:
+    ccfg = dataclasses.replace(ccfg, target_loss=args.target_loss)
+  names = None if args.tasks == "all" else [t for t in args.tasks.split(",") if t.strip()]
+  if names == []:
+    raise ValueError(f"--tasks {args.tasks!r}: no task names; give a comma-separated list or all")
+  return ccfg, names
+
+
 @cli.command
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, help="a training run directory")
-  parser.add_argument("--tasks", default="all", help="comma-separated task names, or all")
-  parser.add_argument("--target-loss", type=float, default=None,
-                      help="held-out task loss the circuit must reach (default: config, 0.15)")
+  add_circuit_args(parser)
   parser.add_argument("--out", default=None, help="output directory (default RUN/circuits)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-  parser.add_argument("--set", dest="overrides", action="append", default=[],
-                      metavar="circuit.FIELD=VALUE")
-  parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   # Every argument is checked before the checkpoint is even read.
-  if any(not o.startswith("circuit.") for o in args.overrides):
-    raise ValueError("prune only takes circuit.* overrides")
   if args.target_loss is not None and not (math.isfinite(args.target_loss)
                                            and args.target_loss > 0):
     raise ValueError(f"--target-loss: must be a finite loss > 0, got {args.target_loss}")
   if args.step is not None and args.step < 0:
     raise ValueError(f"--step: must be >= 0, got {args.step}")
-  names = None if args.tasks == "all" else [t for t in args.tasks.split(",") if t.strip()]
-  if names == []:
-    raise ValueError(f"--tasks {args.tasks!r}: no task names; give a comma-separated list or all")
   if args.out is not None:
     fileio.check_writable_dir(args.out, "--out")
-  cfg = apply_overrides(ckpt_lib.load_config(args.workdir), args.overrides)
-  ccfg = cfg.circuit
-  if args.target_loss is not None:
-    ccfg = dataclasses.replace(ccfg, target_loss=args.target_loss)
+  ccfg, names = circuit_args(args, args.workdir)
   summary = prune(args.workdir, task_names=names, circuit_cfg=ccfg, out=args.out,
                   step=args.step, progress=not args.no_progress)
   # loss: the circuit's calibrated test loss (the unablated model's when unsolvable);

@@ -28,12 +28,12 @@ import hashlib
 import itertools
 import json
 import logging
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from experiments import cli
 from experiments import prune as prune_lib
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import dynamics as dyn
@@ -197,6 +197,7 @@ def run_compare(workdirs: list[str | Path], *, task_names: list[str] | None,
   return summary
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,18 +209,12 @@ def main(argv: list[str] | None = None) -> int:
                       help="output directory (default RUN/dynamics, or RUN_A_compare)")
   prune_lib.add_circuit_args(parser)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  try:
-    ccfg, names = prune_lib.circuit_args(args, args.workdir or args.compare[0])
-    kw = dict(task_names=names, circuit_cfg=ccfg, out=args.out,
-              progress=not args.no_progress)
-    if args.compare:
-      summary = run_compare(args.compare, **kw)
-    else:
-      summary = run_dynamics(args.workdir, steps=args.steps, **kw)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  ccfg, names = prune_lib.circuit_args(args, args.workdir or args.compare[0])
+  kw = dict(task_names=names, circuit_cfg=ccfg, out=args.out, progress=not args.no_progress)
+  if args.compare:
+    summary = run_compare(args.compare, **kw)
+  else:
+    summary = run_dynamics(args.workdir, steps=args.steps, **kw)
   if args.compare:
     print(f"{'task':28s} {'met':>5s} {'nodes (per run)':>24s} {'act. similarity (pairs)':>28s}")
     for name, t in summary["tasks"].items():
@@ -237,4 +232,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

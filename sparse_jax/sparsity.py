@@ -17,7 +17,7 @@ every parameter (`RULES`):
   - biases: the paper says all weights *and biases* are sparse, the authors' released script
     leaves 1-D biases dense. We follow the paper (`sparsify_biases=True`, `embed_density`, as
     the script's L0frac for biases); set it False to reproduce the script.
-  - RMSNorm scales, sink logits and the bigram table are never sparsified.
+  - RMSNorm scales, sink logits, the bigram table and final_logits_bias are never sparsified.
 Weight decay applies to every sparsified parameter (not norms, sinks or the bigram table).
 
 The schedule anneals every group's density linearly from 1 (dense) to its target between
@@ -47,7 +47,7 @@ RULES = (
     (r"blocks/\d+/mlp/c_proj/w", "matrix", 0),
     (r"wte|wpe|lm_head/w", "embed", None),
     (r".*/b", "bias", None),
-    (r".*/scale|blocks/\d+/attn/sink|bigram", "dense", None),
+    (r".*/scale|blocks/\d+/attn/sink|bigram|final_logits_bias", "dense", None),
 )
 _NEVER_DECAYED = RULES[-1][0]
 _INT32_MAX = jnp.iinfo(jnp.int32).max

@@ -100,17 +100,29 @@ def test_nonzero_positions_and_logit_bias_are_loaded_and_exported(tmp_path):
   _assert_trees_bitwise_equal(interop.read_model(tmp_path / "again")[1], params2)
 
 
-def test_final_logits_bias_off_by_default_and_added_when_on(tiny_model_cfg):
-  assert not tiny_model_cfg.final_logits_bias
-  params = model_lib.init_params(tiny_model_cfg, jax.random.PRNGKey(0))
-  assert "final_logits_bias" not in params
-  on = ModelConfig(**{**tiny_model_cfg.__dict__, "final_logits_bias": True})
-  tokens = np.arange(10).reshape(2, 5) % tiny_model_cfg.vocab_size
-  base = jax.jit(lambda p, t: model_lib.forward(p, t, tiny_model_cfg))(params, tokens)
-  bias = np.linspace(-1, 1, tiny_model_cfg.vocab_size).astype(np.float32)
+def _random_params(cfg: ModelConfig, seed: int = 0):
+  """init_params' tree with random values, without running init (slow eagerly on 2 cores)."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0)))
+  return jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), shapes)
+
+
+def test_final_logits_bias_off_by_default_and_added_when_on():
+  cfg, params, _ = interop.read_model(FIXTURES / "dense_like")
+  assert not ModelConfig().final_logits_bias and not cfg.final_logits_bias
+  assert "final_logits_bias" not in jax.eval_shape(
+      lambda: model_lib.init_params(ModelConfig(), jax.random.PRNGKey(0)))
+  on = ModelConfig(**{**cfg.__dict__, "final_logits_bias": True})
+  assert "final_logits_bias" in jax.eval_shape(
+      lambda: model_lib.init_params(on, jax.random.PRNGKey(0)))
+  tokens = np.load(FIXTURES / "dense_like" / "tokens.npy")
+  base = jax.jit(lambda p, t: model_lib.forward(p, t, cfg))(params, tokens)
+  np.testing.assert_allclose(base, np.load(FIXTURES / "dense_like" / "expected.npz")["logits"],
+                             rtol=0, atol=1e-5)  # the default forward is theirs, unchanged
+  bias = np.linspace(-1, 1, cfg.vocab_size).astype(np.float32)
   with_bias = jax.jit(lambda p, t: model_lib.forward(p, t, on))(
       {**params, "final_logits_bias": bias}, tokens)
-  np.testing.assert_allclose(with_bias, base + bias, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(with_bias, base + bias, rtol=0, atol=1e-5)
 
 
 REFUSED = [("rms_norm", False), ("bias", False), ("residual_activation_type", "relu"),
@@ -278,8 +290,7 @@ def test_import_with_tiktoken_tokenizer_serves_the_tasks(tiktoken_file, tmp_path
   path, ranks = tiktoken_file
   cfg = ModelConfig(n_layer=1, d_model=32, n_head=2, d_head=16, d_mlp=64,
                     vocab_size=len(ranks) + 1, block_size=64)
-  params = jax.tree.map(np.asarray, model_lib.init_params(cfg, jax.random.PRNGKey(0)))
-  interop.write_model(tmp_path / "theirs", cfg, params)
+  interop.write_model(tmp_path / "theirs", cfg, _random_params(cfg))
   run = tmp_path / "run"
   import_model.import_model(tmp_path / "theirs", run, tokenizer=path)
   tok = data_lib.load_tokenizer(run)
@@ -289,10 +300,7 @@ def test_import_with_tiktoken_tokenizer_serves_the_tasks(tiktoken_file, tmp_path
   for pair, enc in samples:  # the task generators tokenise exactly as tiktoken would
     for prompt, seq in ((pair.prompt_a, enc.seq_a), (pair.prompt_b, enc.seq_b)):
       assert tuple(_tiktoken_encode(prompt, ranks)[-len(seq):]) == tuple(seq)
+  small_cfg = ModelConfig(**{**cfg.__dict__, "vocab_size": 256})
+  interop.write_model(tmp_path / "small", small_cfg, _random_params(small_cfg))
   with pytest.raises(ValueError, match="do not fit the model's vocab_size"):
-    small = tmp_path / "small"
-    interop.write_model(small, ModelConfig(**{**cfg.__dict__, "vocab_size": 256}),
-                        jax.tree.map(np.asarray, model_lib.init_params(
-                            ModelConfig(**{**cfg.__dict__, "vocab_size": 256}),
-                            jax.random.PRNGKey(0))))
-    import_model.import_model(small, tmp_path / "run2", tokenizer=path)
+    import_model.import_model(tmp_path / "small", tmp_path / "run2", tokenizer=path)

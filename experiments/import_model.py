@@ -5,9 +5,11 @@
 DIR holds `beeg_config.json` + `final_model.pt` (the authors' `models/<name>/`). RUN gets what
 a training run leaves: config.json, the params as an orbax checkpoint (step 0), the authors'
 config (beeg_config.json, kept so that an export writes it back unchanged) and, with
---tokenizer, tokenizer.json. FILE is the authors' tiktoken-format BPE (e.g. tinypython_2k's
-`base64token rank` lines; converted to an HF tokenizer) or an HF tokenizer.json. Without it the
-run has no tokenizer and the tools that need text (prune, tasks) say so. No torch is needed.
+--tokenizer, tokenizer.json. FILE is the authors' tokenizer, converted to an HF one with the
+same ids: their `tinypython/` directory (vocab.bpe + encoder.json, as tinypython_2k reads it)
+or a tiktoken-format file (`base64token rank` lines); an HF tokenizer.json is taken as is.
+Without it the run has no tokenizer and the tools that need text (prune, tasks) say so.
+No torch is needed.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ IMPORT_STEP = 0  # imported params are saved as the checkpoint of step 0
 
 
 def load_any_tokenizer(path: str | Path):
-  """An HF tokenizer.json as is, anything else read as a tiktoken-format BPE file."""
+  """An HF tokenizer.json as is; a directory with the authors' vocab.bpe + encoder.json, or
+  a tiktoken-format BPE file, converted."""
   path = Path(path)
-  if not path.is_file():
-    raise ValueError(f"--tokenizer {path}: no such file")
+  if not path.exists():
+    raise ValueError(f"--tokenizer {path}: no such file or directory")
   if path.suffix == ".json":
     return data_lib.load_tokenizer(path)
-  return interop.tokenizer_from_tiktoken(path)
+  return interop.load_authors_tokenizer(path)
 
 
 def import_model(src: str | Path, workdir: str | Path, *,
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--from", dest="src", required=True,
                       help="the authors' model directory (beeg_config.json + final_model.pt)")
   parser.add_argument("--tokenizer", default=None,
-                      help="tiktoken-format BPE file (or an HF tokenizer.json)")
+                      help="the authors' tinypython/ dir (vocab.bpe + encoder.json), a tiktoken "
+                           "file, or an HF tokenizer.json")
   parser.add_argument("--workdir", required=True, help="new run directory to create")
   args = parser.parse_args(argv)
   try:

@@ -16,9 +16,11 @@ exist; the released models keep both zero, read as "off" (no learned positions, 
 nonzero one turns the matching `ModelConfig` flag on. The bigram table is in the state dict
 whether or not it is learnable (a buffer when not); the forward is the same either way.
 
-The tokenizer file is tiktoken's: one `base64(token bytes) rank` per line. It becomes a
-byte-level HF BPE with the tinypython pre-tokenizer whose merges reproduce tiktoken's rank
-order, with `<|endoftext|>` appended after the last rank (id 2047 for tinypython_2k).
+The tokenizer is tiktoken's mergeable ranks, from a tiktoken file (one
+`base64(token bytes) rank` per line) or from the GPT-2 style `vocab.bpe` + `encoder.json`
+pair the authors publish (their tiktoken plugin reads those). It becomes a byte-level HF BPE
+with the tinypython pre-tokenizer whose merges reproduce tiktoken's rank order, with
+`<|endoftext|>` appended after the last rank (id 2047 for tinypython_2k).
 """
 
 from __future__ import annotations
@@ -312,15 +314,66 @@ def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
   return ranks
 
 
+def read_data_gym_ranks(directory: str | os.PathLike) -> dict[bytes, int]:
+  """tiktoken's ranks from the GPT-2 style pair the authors publish (`tinypython/`:
+  `vocab.bpe` + `encoder.json`), as `tiktoken.load.data_gym_to_mergeable_bpe_ranks` builds
+  them: the 256 bytes first (printable ones in byte order, then the rest), then one rank per
+  merge line in file order; encoder.json must agree with every rank.
+  """
+  directory = Path(directory)
+  u2b = {u: b for b, u in _byte_to_unicode().items()}
+  printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+  byte_order = printable + [b for b in range(256) if b not in printable]
+  ranks = {bytes([b]): r for r, b in enumerate(byte_order)}
+  decode = lambda text: bytes(u2b[c] for c in text)
+  path = directory / "vocab.bpe"
+  lines, next_rank = path.read_text(encoding="utf-8").split("\n"), len(ranks)
+  for n, line in enumerate(lines[1:], 2):  # line 1 is the "#version" header
+    if not line:
+      continue
+    parts = line.split(" ")
+    try:
+      if len(parts) != 2:
+        raise KeyError("expected two space-separated pieces")
+      token = decode(parts[0]) + decode(parts[1])
+    except KeyError as e:
+      raise ValueError(f"{path}:{n}: not a merge line ({e}): {line[:60]!r}") from None
+    ranks[token] = next_rank  # as tiktoken: a repeated merge result takes the later rank
+    next_rank += 1
+  path = directory / "encoder.json"
+  encoder = json.loads(path.read_text(encoding="utf-8"))
+  for text, rank in encoder.items():
+    if text in ("<|endoftext|>", "<|startoftext|>"):
+      continue
+    if ranks.get(decode(text)) != rank:
+      raise ValueError(f"{path}: {text!r} has id {rank}, but vocab.bpe gives it "
+                       f"{ranks.get(decode(text))}")
+  return ranks
+
+
+def load_authors_tokenizer(path: str | os.PathLike) -> Tokenizer:
+  """A tiktoken-format file, or a directory holding the authors' vocab.bpe + encoder.json."""
+  path = Path(path)
+  if path.is_dir():
+    if not (path / "vocab.bpe").is_file() or not (path / "encoder.json").is_file():
+      raise ValueError(f"{path}: expected vocab.bpe and encoder.json in this directory")
+    return tokenizer_from_ranks(read_data_gym_ranks(path))
+  return tokenizer_from_ranks(read_tiktoken_ranks(path))
+
+
 def tokenizer_from_tiktoken(path: str | os.PathLike) -> Tokenizer:
-  """The authors' tiktoken-format BPE as an HF Tokenizer with the same token ids.
+  """The authors' tiktoken-format BPE file as an HF Tokenizer with the same token ids."""
+  return tokenizer_from_ranks(read_tiktoken_ranks(path))
+
+
+def tokenizer_from_ranks(ranks: dict[bytes, int]) -> Tokenizer:
+  """tiktoken mergeable ranks (token bytes -> id) as an HF Tokenizer with the same token ids.
 
   tiktoken merges, within each pre-token, the adjacent pair whose concatenation has the
   lowest rank, and takes a pre-token that is itself a token whole. The HF BPE gets one merge
   per (left, right) split of every multi-byte token, ordered by the merged token's rank
   (`ignore_merges` gives the whole-pre-token shortcut), which yields the same ids.
   """
-  ranks = read_tiktoken_ranks(path)
   b2u = _byte_to_unicode()
   text = lambda token: "".join(b2u[b] for b in token)
   vocab = {text(token): rank for token, rank in ranks.items()}

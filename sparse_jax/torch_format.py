@@ -23,7 +23,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 from sparse_jax.fileio import atomic_write
@@ -31,7 +31,7 @@ from sparse_jax.fileio import atomic_write
 # torch storage type name -> numpy dtype (little-endian; a "big" byteorder record flips it).
 STORAGE_DTYPES = {
     "FloatStorage": np.dtype("float32"), "DoubleStorage": np.dtype("float64"),
-    "HalfStorage": np.dtype("float16"), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "HalfStorage": np.dtype("float16"), "BFloat16Storage": np.dtype(jnp.bfloat16),
     "LongStorage": np.dtype("int64"), "IntStorage": np.dtype("int32"),
     "ShortStorage": np.dtype("int16"), "CharStorage": np.dtype("int8"),
     "ByteStorage": np.dtype("uint8"), "BoolStorage": np.dtype("bool"),

@@ -31,7 +31,8 @@ MODELS = ("csp_like", "dense_like")
 
 
 def _assert_trees_bitwise_equal(a, b):
-  flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  flat_b = jax.tree_util.tree_flatten_with_path(b)[0]
   assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
   for (path, x), (_, y) in zip(flat_a, flat_b):
     x, y = np.asarray(x), np.asarray(y)
@@ -274,6 +275,34 @@ def test_tiktoken_file_tokenises_as_tiktoken(tiktoken_file):
     assert ids == _tiktoken_encode(text, ranks), text
     assert tok.decode(ids) == text
   assert len(tok.encode(texts[0]).ids) < len(texts[0].encode())  # merges are used
+
+
+def test_authors_vocab_bpe_and_encoder_json_give_tiktoken_ids(tmp_path):
+  """Their published pair (tinypython/vocab.bpe + encoder.json), ranked as tiktoken's loader
+  ranks it: printable bytes first, then the other bytes, then merges in file order."""
+  texts = ["def add(x, y):\n    return x + y\n", "print('hello world')\n"] * 20
+  hf = data_lib.train_tokenizer(texts, 257 + 60)
+  merges = json.loads(hf.to_str())["model"]["merges"]
+  merges = [m if isinstance(m, list) else m.split(" ") for m in merges]
+  b2u = interop._byte_to_unicode()  # pylint: disable=protected-access
+  printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+  order = printable + [b for b in range(256) if b not in printable]
+  encoder = {b2u[b]: i for i, b in enumerate(order)}
+  for left, right in merges:
+    encoder.setdefault(left + right, len(encoder))
+  ranks = {bytes(next(k for k, v in b2u.items() if v == c) for c in text): i
+           for text, i in encoder.items()}
+  (tmp_path / "vocab.bpe").write_text("#version: 0.2\n" + "".join(f"{l} {r}\n"
+                                                                  for l, r in merges))
+  (tmp_path / "encoder.json").write_text(json.dumps({**encoder, data_lib.EOT: len(encoder)}))
+  tok = interop.load_authors_tokenizer(tmp_path)
+  assert tok.token_to_id(data_lib.EOT) == len(ranks)
+  for text in ["def add(a, b):\n    return a + b\n", "print('x') ~ \x7f é"]:
+    assert tok.encode(text).ids == _tiktoken_encode(text, ranks)
+  encoder["!"] = 5
+  (tmp_path / "encoder.json").write_text(json.dumps(encoder))
+  with pytest.raises(ValueError, match="encoder.json: '!' has id 5, but vocab.bpe gives it 0"):
+    interop.load_authors_tokenizer(tmp_path)
 
 
 def test_tiktoken_file_errors_name_the_line(tmp_path):

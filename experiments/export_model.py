@@ -3,7 +3,7 @@
   python -m experiments.export_model --workdir RUN --out DIR [--step N]
 
 DIR gets `beeg_config.json` + `final_model.pt` (a torch zip state dict, written without
-torch). A run made by `experiments.import_model` exports to the files it came from: the same
+torch), and the run's tokenizer.json if it has one. A run made by `experiments.import_model` exports to the files it came from: the same
 config and bitwise the same tensors.
 """
 
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from sparse_jax import checkpoint as ckpt_lib
+from sparse_jax import data as data_lib
 from sparse_jax import interop
 
 
@@ -24,7 +25,10 @@ def export_model(workdir: str | Path, out: str | Path, *, step: int | None = Non
   cfg, params, _ = ckpt_lib.load_params(workdir, step)
   beeg_path = workdir / interop.CONFIG_FILE  # present for imported runs
   beeg = json.loads(beeg_path.read_text()) if beeg_path.exists() else None
-  return interop.write_model(out, cfg.model, params, beeg)
+  out = interop.write_model(out, cfg.model, params, beeg)
+  if (workdir / "tokenizer.json").exists():  # the ids the model was trained on travel with it
+    data_lib.save_tokenizer(data_lib.load_tokenizer(workdir), out)
+  return out
 
 
 def main(argv: list[str] | None = None) -> int:

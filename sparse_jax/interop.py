@@ -49,11 +49,14 @@ GPT_CONFIG_DEFAULTS: dict[str, Any] = {
     "d_model": 768, "dropout": 0.0, "bias": True, "ln_bias": True, "rms_norm": False,
     "residual_activation_type": "identity", "activation_type": "gelu", "afrac": None,
     "afrac_loctypes": "attn_in,attn_out,mlp_in,mlp_out", "debug_nans": False,
-    "tied_unembed": True, "tokenizer_name": "tinypython_2k", "grad_checkpointing": True,
-    "d_mlp": None, "enable_bigram_table": False, "learnable_bigram_table": False,
-    "d_pos_emb": None, "dropout_cat_pos_emb": False, "sinusoidal_cat_pos_emb": False,
-    "enable_sparse_kernels": False, "flash": True, "sink": False,
+    "tied_unembed": True, "tokenizer_name": "tinypython_2k", "d_mlp": None,
+    "enable_bigram_table": False, "learnable_bigram_table": False, "d_pos_emb": None,
+    "dropout_cat_pos_emb": False, "sinusoidal_cat_pos_emb": False,
+    "enable_sparse_kernels": False, "sink": False,
 }
+# Runtime switches of some versions of their GPTConfig: accepted when read, never written
+# (the released beeg_config.json files do not have them).
+_RUNTIME_ONLY = {"grad_checkpointing": True, "flash": True}
 # Fields that must have exactly these values: anything else is a model we do not implement.
 _REQUIRED = {"rms_norm": (True, "only RMSNorm is implemented, not LayerNorm"),
              "bias": (True, "only models with biases (bias=true) are implemented"),
@@ -63,8 +66,6 @@ _REQUIRED = {"rms_norm": (True, "only RMSNorm is implemented, not LayerNorm"),
              "dropout_cat_pos_emb": (False, "concatenated positional embeddings are not "
                                      "implemented")}
 # Fields that do not change the forward pass (training/inference-speed switches, metadata).
-_INERT = ("dropout", "ln_bias", "debug_nans", "tokenizer_name", "grad_checkpointing",
-          "enable_sparse_kernels", "flash", "learnable_bigram_table", "tied_unembed")
 
 
 def _fail(where: Any, field: str, msg: str):
@@ -75,7 +76,7 @@ def model_config_from_beeg(beeg: dict[str, Any], *, learned_pos_emb: bool = Fals
                            final_logits_bias: bool = False, where: Any = CONFIG_FILE
                            ) -> ModelConfig:
   """Their GPTConfig dict -> ModelConfig; refuses what we do not implement, naming the field."""
-  unknown = sorted(set(beeg) - set(GPT_CONFIG_DEFAULTS))
+  unknown = sorted(set(beeg) - set(GPT_CONFIG_DEFAULTS) - set(_RUNTIME_ONLY))
   if unknown:
     _fail(where, unknown[0], "unknown GPTConfig field; it may change the model, so it is "
           "refused rather than ignored")
@@ -106,8 +107,11 @@ def model_config_from_beeg(beeg: dict[str, Any], *, learned_pos_emb: bool = Fals
 def beeg_from_model_config(cfg: ModelConfig, params: dict[str, Any],
                            beeg: dict[str, Any] | None = None) -> dict[str, Any]:
   """ModelConfig -> their GPTConfig dict, keeping `beeg`'s fields that we do not model."""
+  # A model trained here: our table is learned, lm_head untied, and the tokenizer is the run's
+  # own BPE (export_model copies its tokenizer.json), not one of their named ones.
   out = dict(beeg) if beeg is not None else {
-      **GPT_CONFIG_DEFAULTS, "tied_unembed": False, "learnable_bigram_table": True}
+      **GPT_CONFIG_DEFAULTS, "tied_unembed": False, "learnable_bigram_table": True,
+      "tokenizer_name": None, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp}
   implied = lambda field, value, default: (  # keep their None where it means the same value
       None if out.get(field, "absent") is None and value == default else value)
   out.update(

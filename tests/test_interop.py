@@ -319,7 +319,15 @@ def test_import_with_tiktoken_tokenizer_serves_the_tasks(tiktoken_file, tmp_path
   path, ranks = tiktoken_file
   cfg = ModelConfig(n_layer=1, d_model=32, n_head=2, d_head=16, d_mlp=64,
                     vocab_size=len(ranks) + 1, block_size=64)
-  interop.write_model(tmp_path / "theirs", cfg, _random_params(cfg))
+  params = _random_params(cfg)
+  interop.write_model(tmp_path / "theirs", cfg, params)
+  # A model trained here exports with exactly the fields of their released configs.
+  beeg = json.loads((tmp_path / "theirs" / interop.CONFIG_FILE).read_text())
+  released = json.loads((FIXTURES / "csp_like" / interop.CONFIG_FILE).read_text())
+  assert list(beeg) == list(released) and beeg["d_head"] == 16 and not beeg["tied_unembed"]
+  cfg2, params2, _ = interop.read_model(tmp_path / "theirs")
+  assert cfg2 == cfg
+  _assert_trees_bitwise_equal(params2, params)
   run = tmp_path / "run"
   import_model.import_model(tmp_path / "theirs", run, tokenizer=path)
   tok = data_lib.load_tokenizer(run)

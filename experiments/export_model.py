@@ -1,11 +1,10 @@
-"""CLI: write a run's params in the authors' format (their viewer and code can open it).
+"""CLI: write a run's params in the authors' release format (what their code loads).
 
   python -m experiments.export_model --workdir RUN --out DIR [--step N]
 
 DIR gets `beeg_config.json` + `final_model.pt` (a torch zip state dict, written without
-torch), and the run's tokenizer.json if it has one. A run made by `experiments.import_model` exports to the files it came from: the same
-config and bitwise the same tensors.
-"""
+torch), and the run's tokenizer.json if it has one. A run made by `experiments.import_model`
+exports to the files it came from: the same config and bitwise the same tensors."""
 
 from __future__ import annotations
 

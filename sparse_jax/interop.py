@@ -65,7 +65,6 @@ _REQUIRED = {"rms_norm": (True, "only RMSNorm is implemented, not LayerNorm"),
              "sinusoidal_cat_pos_emb": (False, "sinusoidal positions are not implemented"),
              "dropout_cat_pos_emb": (False, "concatenated positional embeddings are not "
                                      "implemented")}
-# Fields that do not change the forward pass (training/inference-speed switches, metadata).
 
 
 def _fail(where: Any, field: str, msg: str):
@@ -129,7 +128,8 @@ def beeg_from_model_config(cfg: ModelConfig, params: dict[str, Any],
 
 def _tied(params) -> bool:
   wte, lm_head = np.asarray(params["wte"]), np.asarray(params["lm_head"]["w"])
-  return wte.shape == lm_head.T.shape and wte.tobytes() == np.ascontiguousarray(lm_head.T).tobytes()
+  return wte.shape == lm_head.T.shape and \
+      wte.tobytes() == np.ascontiguousarray(lm_head.T).tobytes()
 
 
 def _all_zero_bits(x: np.ndarray) -> bool:
@@ -227,7 +227,7 @@ def _params_from_state_dict(sd, cfg: ModelConfig) -> dict[str, Any]:
 
 def state_dict_from_params(cfg: ModelConfig, params: dict[str, Any]) -> dict[str, np.ndarray]:
   """Our params -> their state dict (names, [out, in] weights, zero wpe/bias when off)."""
-  p = {k: v for k, v in params.items()}
+  p = params
   f32 = lambda x: np.asarray(x, np.float32)
   t = lambda x: np.ascontiguousarray(f32(x).T)
   sd = {}

@@ -128,8 +128,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   if path.is_dir() or not path.suffix:
     path = path / "tokenizer.json"
   if not path.exists():
-    raise ValueError(f"{path}: no tokenizer (a run made by experiments.import_model without "
-                     "--tokenizer has none; import again with --tokenizer FILE)")
+    raise ValueError(f"{path}: cannot load tokenizer: no such file (a run made by "
+                     "experiments.import_model without --tokenizer has none; import again "
+                     "with --tokenizer FILE)")
   try:
     tok = Tokenizer.from_file(str(path))
   except Exception as e:  # tokenizers raises a bare Exception on missing or invalid files

@@ -46,7 +46,7 @@ def find_at_step(workdir: str | Path, *, task_names: list[str] | None, circuit_c
                                          max_len=min(128, cfg.model.block_size))
 
   def val_batches():  # inputs only: each batch holds seq_len + 1 tokens
-    dataset = data_lib.prepare_data(cfg)
+    dataset = data_lib.prepare_data(cfg, tokenizer=tokenizer)  # the run's (maybe imported)
     batches = dataset.val_batches(ccfg.mean_batches, cfg.train.batch_size, cfg.train.seq_len)
     return batches[:, :, :-1]
   means = masks.cached_means(str(means_path(means_dir, step, cfg, ccfg)), params, cfg.model,

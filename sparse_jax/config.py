@@ -62,6 +62,9 @@ class ModelConfig:
   sink: bool = False  # per-head learnable attention-sink logit (paper Fig 18)
   enable_bigram_table: bool = True  # dense V x V table added to the logits (paper Fig 24)
   learned_pos_emb: bool = False  # learned absolute positions (paper default: none)
+  # A [V] vector added to the logits. The authors' models carry it (a buffer, zero unless set);
+  # off by default, on only for imported models whose bias is nonzero (interop.py).
+  final_logits_bias: bool = False
   activation_type: str = "gelu"  # "gelu" (exact erf) or "relu"
 
   def __post_init__(self):

@@ -128,6 +128,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   path = Path(path)
   if path.is_dir() or not path.suffix:
     path = path / "tokenizer.json"
+  if not path.exists():
+    raise ValueError(f"{path}: cannot load tokenizer: no such file (a run made by "
+                     "experiments.import_model without --tokenizer has none; import again "
+                     "with --tokenizer FILE)")
   try:
     tok = Tokenizer.from_file(str(path))
   except Exception as e:  # tokenizers raises a bare Exception on missing or invalid files
@@ -289,13 +293,16 @@ def parse_mixture(entries: Sequence[str], corpus: str = "stdlib") -> list[tuple[
   return out
 
 
-def prepare_data(cfg: Config, *, progress: bool | None = None) -> Dataset:
+def prepare_data(cfg: Config, *, progress: bool | None = None,
+                 tokenizer: Tokenizer | None = None) -> Dataset:
   """Loads, splits, tokenizes (with caching) every source of cfg.data.
 
   Args:
     cfg: the experiment config: `data` (corpus, mixture, val_frac, max_files, cache_dir,
       text_field), `model.vocab_size` and `train.seq_len` (checked against each split).
     progress: tqdm bars while tokenizing; default: when stderr is a terminal.
+    tokenizer: tokenize with this one instead of the BPE trained on the corpus (an imported
+      model's own tokenizer, so that its mean activations see the token ids it was trained on).
 
   Returns:
     The Dataset; `train_batch(seed, step, B, L)` and `val_batches(n, B, L)` give batches.
@@ -324,8 +331,9 @@ def prepare_data(cfg: Config, *, progress: bool | None = None) -> Dataset:
                   "val_docs": len(splits[-1][1])})
     log.info("%s: %s", field, stats[-1])
 
-  # One tokenizer for every source, trained on all their training documents.
-  tok = get_tokenizer([doc for train, _ in splits for doc in train], vocab_size, cache)
+  # One tokenizer for every source, trained on all their training documents (unless given).
+  tok = tokenizer if tokenizer is not None else get_tokenizer(
+      [doc for train, _ in splits for doc in train], vocab_size, cache)
   sources = []
   for (field, spec, weight), (train, val), st in zip(specs, splits, stats):
     train_N, val_N = (get_tokens(tok, docs, cache, progress=progress) for docs in (train, val))

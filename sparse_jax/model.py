@@ -13,6 +13,7 @@ k = int(afrac * width); q, k and v are each top-k'd over all heads jointly, as t
 
 Params paths (regex-able, used by the sparsity rules):
   wte [V,D], wpe [block_size,D] (optional), ln_f/scale [D], lm_head/w [D,V], bigram [V,V],
+  final_logits_bias [V] (optional, imported models only),
   blocks/{i}/ln_1/scale, blocks/{i}/attn/c_attn/{w [D,3A], b [3A]},
   blocks/{i}/attn/c_proj/{w [A,D], b [D]}, blocks/{i}/attn/sink [H] (optional),
   blocks/{i}/ln_2/scale, blocks/{i}/mlp/c_fc/{w [D,F], b [F]},
@@ -79,6 +80,8 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
             "lm_head": {"w": normal((D, V), std)}}
   if cfg.learned_pos_emb:
     params["wpe"] = normal((cfg.block_size, D), std)
+  if cfg.final_logits_bias:
+    params["final_logits_bias"] = jnp.zeros(V)
   if cfg.enable_bigram_table:
     # The authors' script initialises the learnable table with rand * 0.02.
     params["bigram"] = 0.02 * jax.random.uniform(next(keys), (V, V), jnp.float32)
@@ -227,6 +230,8 @@ def forward(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, *,
     x_BxLxD, tokens_BxL = x_BxLxD[rows_B, positions_B], tokens_BxL[rows_B, positions_B]
   x_BxLxD = rms_norm(x_BxLxD, params["ln_f"]["scale"])
   logits_BxLxV = x_BxLxD @ params["lm_head"]["w"]
+  if cfg.final_logits_bias:
+    logits_BxLxV = logits_BxLxV + params["final_logits_bias"]
   if cfg.enable_bigram_table:
     logits_BxLxV = logits_BxLxV + params["bigram"][tokens_BxL]
   return (logits_BxLxV, s.acts) if capture else logits_BxLxV

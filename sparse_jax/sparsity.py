@@ -17,7 +17,7 @@ every parameter (`RULES`):
   - biases: the paper says all weights *and biases* are sparse, the authors' released script
     leaves 1-D biases dense. We follow the paper (`sparsify_biases=True`, `embed_density`, as
     the script's L0frac for biases); set it False to reproduce the script.
-  - RMSNorm scales, sink logits and the bigram table are never sparsified.
+  - RMSNorm scales, sink logits, the bigram table and final_logits_bias are never sparsified.
 Weight decay (`OptimConfig.decay_biases`) follows the authors' script: weight matrices and
 embeddings (every >= 2-D parameter but the bigram table) are decayed, biases are not unless
 asked; norms, sinks and the bigram table never are. The sharkfin factor
@@ -53,7 +53,7 @@ RULES = (
     (r"blocks/\d+/mlp/c_proj/w", "matrix", 0),
     (r"wte|wpe|lm_head/w", "embed", None),
     (r".*/b", "bias", None),
-    (r".*/scale|blocks/\d+/attn/sink|bigram", "dense", None),
+    (r".*/scale|blocks/\d+/attn/sink|bigram|final_logits_bias", "dense", None),
 )
 _INT32_MAX = jnp.iinfo(jnp.int32).max
 # Score of protected entries: above every finite |w| (and inf), but below the exclusive upper

@@ -1,0 +1,87 @@
+"""CLI: make a run directory from a model released in the authors' format.
+
+  python -m experiments.import_model --from DIR [--tokenizer FILE] --workdir RUN
+
+DIR holds `beeg_config.json` + `final_model.pt` (the authors' `models/<name>/`). RUN gets what
+a training run leaves: config.json, the params as an orbax checkpoint (step 0), the authors'
+config (beeg_config.json, kept so that an export writes it back unchanged) and, with
+--tokenizer, tokenizer.json. FILE is the authors' tokenizer, converted to an HF one with the
+same ids: their `tinypython/` directory (vocab.bpe + encoder.json, as tinypython_2k reads it)
+or a tiktoken-format file (`base64token rank` lines); an HF tokenizer.json is taken as is.
+Without it the run has no tokenizer and the tools that need text (prune, tasks) say so.
+No torch is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sparse_jax import checkpoint as ckpt_lib
+from sparse_jax import data as data_lib
+from sparse_jax import fileio
+from sparse_jax import interop
+from sparse_jax.config import Config, TrainConfig
+
+IMPORT_STEP = 0  # imported params are saved as the checkpoint of step 0
+
+
+def load_any_tokenizer(path: str | Path):
+  """An HF tokenizer.json as is; a directory with the authors' vocab.bpe + encoder.json, or
+  a tiktoken-format BPE file, converted."""
+  path = Path(path)
+  if not path.exists():
+    raise ValueError(f"--tokenizer {path}: no such file or directory")
+  if path.suffix == ".json":
+    return data_lib.load_tokenizer(path)
+  return interop.load_authors_tokenizer(path)
+
+
+def import_model(src: str | Path, workdir: str | Path, *,
+                 tokenizer: str | Path | None = None) -> Config:
+  """Writes RUN from an authors'-format model directory; returns the run's Config."""
+  workdir = Path(workdir)
+  if workdir.exists() and any(workdir.iterdir()):
+    raise ValueError(f"--workdir {workdir} exists and is not empty; import into a new one")
+  model_cfg, params, beeg = interop.read_model(src)
+  tok = load_any_tokenizer(tokenizer) if tokenizer is not None else None
+  if tok is not None and tok.get_vocab_size() > model_cfg.vocab_size:
+    raise ValueError(f"--tokenizer {tokenizer}: {tok.get_vocab_size()} tokens do not fit the "
+                     f"model's vocab_size {model_cfg.vocab_size}")
+  cfg = Config(model=model_cfg, train=TrainConfig(seq_len=min(128, model_cfg.block_size)))
+  ckpt_lib.check_or_write_config(workdir, cfg)
+  fileio.atomic_write_text(workdir / interop.CONFIG_FILE, (Path(src) / interop.CONFIG_FILE)
+                           .read_text())
+  if tok is not None:
+    data_lib.save_tokenizer(tok, workdir)
+  manager = ckpt_lib.make_manager(workdir, cfg)
+  ckpt_lib.save(manager, IMPORT_STEP, {"params": params})
+  manager.wait_until_finished()
+  return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--from", dest="src", required=True,
+                      help="the authors' model directory (beeg_config.json + final_model.pt)")
+  parser.add_argument("--tokenizer", default=None,
+                      help="the authors' tinypython/ dir (vocab.bpe + encoder.json), a tiktoken "
+                           "file, or an HF tokenizer.json")
+  parser.add_argument("--workdir", required=True, help="new run directory to create")
+  args = parser.parse_args(argv)
+  try:
+    cfg = import_model(args.src, args.workdir, tokenizer=args.tokenizer)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  m = cfg.model
+  print(f"imported {args.src} -> {args.workdir}: {m.n_layer} layers, d_model {m.d_model}, "
+        f"vocab {m.vocab_size}, afrac {m.afrac}, sink {m.sink}"
+        + ("" if args.tokenizer else "; no tokenizer (pass --tokenizer for prune/tasks)"))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -31,11 +31,11 @@ _ROWS = (("attn.act_in",), ("attn.q", "attn.k", "attn.v"), ("attn.resid_delta",)
 _PREFIX = {"attn.act_in": "r", "attn.q": "q", "attn.k": "k", "attn.v": "v",
            "attn.resid_delta": "w", "mlp.act_in": "r", "mlp.post_act": "n",
            "mlp.resid_delta": "w"}
-_FACE = {"r": "#d9f0d3", "q": "#fde0c5", "k": "#fde0c5", "v": "#fdd0a2", "n": "#e7d4e8",
+FACE = {"r": "#d9f0d3", "q": "#fde0c5", "k": "#fde0c5", "v": "#fdd0a2", "n": "#e7d4e8",
          "w": "#c6dbef"}
 
 
-def _layout(nodes: dict[str, list[int]], d_head: int | None):
+def layout(nodes: dict[str, list[int]], d_head: int | None):
   """Node positions {(site, ch): (x, y)}, labels, and the row labels [(y, text)]."""
   layers = sorted({int(site.split(".", 1)[0]) for site in nodes})
   pos, labels, rows = {}, {}, []
@@ -56,18 +56,22 @@ def _layout(nodes: dict[str, list[int]], d_head: int | None):
   return pos, labels, rows
 
 
-def plot_circuit(circuit, path: str, *, max_edges: int = 300) -> None:
+def plot_circuit(circuit, path: str, *, max_edges: int = 300,
+                 explanations: dict[tuple[str, int], str] | None = None) -> None:
   """Draws a circuit graph to a PNG.
 
   Args:
     circuit: a `circuits.Circuit` (or one read back with `Circuit.from_json`).
     path: output .png path.
     max_edges: most weight edges drawn, largest |weight| first.
+    explanations: optional {(site, channel): short text} written under each node's label
+      (e.g. `explore_html.short_explanation` of `explain.explain_node`).
   """
   nodes = {site: list(ids) for site, ids in circuit.nodes.items()}
-  pos, labels, rows = _layout(nodes, circuit.search.get("d_head"))
+  pos, labels, rows = layout(nodes, circuit.search.get("d_head"))
   widest = max((sum(1 for p in pos.values() if p[1] == y) for y, _ in rows), default=1)
-  fig, ax = plt.subplots(figsize=(min(4 + 0.75 * widest, 40), 2 + 0.8 * max(len(rows), 1)))
+  per_node = 1.3 if explanations else 0.75  # inches; an explanation widens each box
+  fig, ax = plt.subplots(figsize=(min(4 + per_node * widest, 60), 2 + 0.8 * max(len(rows), 1)))
   ax.set_axis_off()
   if not circuit.solvable:
     ax.text(0.5, 0.5, f"{circuit.task}: unsolvable\n{circuit.reason}", ha="center",
@@ -102,8 +106,12 @@ def plot_circuit(circuit, path: str, *, max_edges: int = 300) -> None:
     line((src, s_ch), (dst, d_ch), color="#2166ac" if w > 0 else "#b2182b",
          lw=0.4 + 2.6 * abs(w) / w_max, alpha=0.85)
   for key, (x, y) in pos.items():
-    ax.text(x, y, labels[key], ha="center", va="center", fontsize=7, zorder=3,
-            bbox=dict(boxstyle="round,pad=0.25", fc=_FACE[labels[key][0]], ec="0.3", lw=0.5))
+    text = labels[key]
+    if explanations and key in explanations:
+      text += "\n" + explanations[key]
+    ax.text(x, y, text, ha="center", va="center", fontsize=7 if text == labels[key] else 5.5,
+            zorder=3,
+            bbox=dict(boxstyle="round,pad=0.25", fc=FACE[labels[key][0]], ec="0.3", lw=0.5))
   x_lo = min((p[0] for p in pos.values()), default=0) - 1.5
   for y, text in rows:
     ax.text(x_lo, y, text, ha="right", va="center", fontsize=8, family="monospace")

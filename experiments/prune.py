@@ -28,6 +28,11 @@ from sparse_jax import tasks as tasks_lib
 from sparse_jax.config import CircuitConfig, apply_overrides
 
 
+def task_list(spec: str) -> list[str] | None:
+  """"a,b" -> ["a", "b"]; "all" -> None (every task)."""
+  return None if spec == "all" else [t for t in spec.split(",") if t]
+
+
 def prune(workdir: str | Path, *, task_names: list[str] | None = None,
           circuit_cfg: CircuitConfig | None = None, out: str | Path | None = None,
           step: int | None = None, progress: bool = True) -> dict:
@@ -51,7 +56,8 @@ def prune(workdir: str | Path, *, task_names: list[str] | None = None,
     circuits_lib.save_circuit(circuit, str(out))
   summary = {
       "workdir": str(workdir), "step": step, "target_loss": ccfg.target_loss,
-      "circuit_config": dataclasses.asdict(ccfg), "unavailable": taskset.unavailable,
+      "circuit_config": dataclasses.asdict(ccfg), "requested_tasks": task_names,
+      "unavailable": taskset.unavailable,
       "tasks": {c.task: {"solvable": c.solvable, "reason": c.reason, "n_nodes": c.n_nodes,
                          "edges": c.edges.get("total") if c.edges else None,
                          "loss_full": c.loss_full, "loss_before": c.loss_before,
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ccfg = cfg.circuit
     if args.target_loss is not None:
       ccfg = dataclasses.replace(ccfg, target_loss=args.target_loss)
-    names = None if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+    names = task_list(args.tasks)
     summary = prune(args.workdir, task_names=names, circuit_cfg=ccfg, out=args.out,
                     step=args.step, progress=not args.no_progress)
   except (ValueError, FileNotFoundError) as e:

@@ -1,4 +1,5 @@
-"""Named experiment configs: `tiny` (tests), `cpu` (laptop default), `paper` (accelerators).
+"""Named experiment configs: `tiny` (tests), `cpu` (laptop default), `tpu` (one TPU host,
+notebooks/colab_tpu.ipynb), `paper` (accelerators).
 
 `get_config(name)` returns a validated `Config` for one training run and `get_sweep(name)` the
 grid of the scale sweep; the CLIs apply `--set section.field=value` overrides on top. Sizes
@@ -17,7 +18,7 @@ from sparse_jax.config import (CircuitConfig, Config, DataConfig, ModelConfig, O
                                SparsityConfig, TrainConfig)
 from sparse_jax.sweep import SweepConfig
 
-PRESETS = ("tiny", "cpu", "paper")
+PRESETS = ("tiny", "cpu", "tpu", "paper")
 
 
 def get_config(name: str) -> Config:
@@ -53,6 +54,24 @@ def get_config(name: str) -> Config:
         circuit=CircuitConfig(steps=200, batch_size=16, n_train_pairs=128, n_select_pairs=64,
                               n_heldout_pairs=64, lr=1e-2, k_coef_grid=(1e-3, 3e-3),
                               extra_targets=(0.05, 0.075, 0.3)))
+  if name == "tpu":
+    # One TPU host (v2-8 / v5e-8 class, 8 cores): the sweep should give a real result in about
+    # an hour (README "Open in Colab": an estimate from FLOPs, not yet measured). Twice the
+    # cpu preset's depth, the paper's context and AbsTopK, 32 sequences per step (4 per core
+    # on 8 cores; any batch must divide over the cores) for 8000 steps: 65M tokens, about
+    # 5 passes over the ~13M-token stdlib + simple-Python mixture. Checkpoints every 500 steps
+    # bound the work a dropped Colab runtime loses.
+    return Config(
+        model=ModelConfig(n_layer=4, d_model=256, n_head=16, d_head=16, d_mlp=1024,
+                          vocab_size=2048, block_size=256, afrac=0.25),
+        sparsity=SparsityConfig(weight_density=1 / 32, embed_density=1 / 8),
+        optim=OptimConfig(lr=1e-2),
+        data=DataConfig(mixture=("simple:0.5",)),
+        train=TrainConfig(steps=8000, batch_size=32, seq_len=256, eval_every=1000,
+                          eval_batches=16, log_every=50, ckpt_every=500, task_eval_pairs=32),
+        circuit=CircuitConfig(steps=500, batch_size=32, n_train_pairs=256, n_select_pairs=64,
+                              n_heldout_pairs=64, lr=1e-2, k_coef_grid=(1e-3, 3e-3),
+                              extra_targets=(0.05, 0.075, 0.3)))
   if name == "paper":
     e = 4
     return Config(
@@ -73,6 +92,7 @@ def get_sweep(name: str) -> SweepConfig:
   tiny: a plumbing check (whole sweep in about 3 minutes on 2 cores, used by the end-to-end
     test); its models learn next to nothing, so its circuit target is a loose 1.0 nats.
   cpu: the default, a real result on a laptop CPU in about an hour.
+  tpu: 4 layers, widths 128 and 256, for one TPU host (notebooks/colab_tpu.ipynb).
   paper: the paper's depth-8 grid (Fig 3) for accelerators.
   """
   if name == "tiny":
@@ -92,6 +112,9 @@ def get_sweep(name: str) -> SweepConfig:
     base = get_config("cpu")
     base = dataclasses.replace(base, train=dataclasses.replace(base.train, n_log_ckpts=0))
     return SweepConfig(base=base, widths=(64, 128), l0_targets=(60_000, 120_000))
+  if name == "tpu":
+    return SweepConfig(base=get_config("tpu"), widths=(128, 256),
+                       l0_targets=(100_000, 200_000))
   if name == "paper":
     # Fig 3: total params e^2 x 7.4M for e in 1..16, L0 in {0.9, 1.9, 3.7, 7.4, 14.8}M.
     # Not d2048: at L0 0.9M its c_attn keeps 0.0019 of its weights, under the 4/2048 that

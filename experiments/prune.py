@@ -55,6 +55,11 @@ def find_at_step(workdir: str | Path, *, task_names: list[str] | None, circuit_c
   return step, params, cfg, taskset, found
 
 
+def task_list(spec: str) -> list[str] | None:
+  """"a,b" -> ["a", "b"]; "all" -> None (every task)."""
+  return None if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+
+
 def prune(workdir: str | Path, *, task_names: list[str] | None = None,
           circuit_cfg: CircuitConfig | None = None, out: str | Path | None = None,
           step: int | None = None, progress: bool = True) -> dict:
@@ -69,7 +74,8 @@ def prune(workdir: str | Path, *, task_names: list[str] | None = None,
     circuits_lib.save_circuit(circuit, str(out))
   summary = {
       "workdir": str(workdir), "step": step, "target_loss": ccfg.target_loss,
-      "circuit_config": dataclasses.asdict(ccfg), "unavailable": taskset.unavailable,
+      "circuit_config": dataclasses.asdict(ccfg), "requested_tasks": task_names,
+      "unavailable": taskset.unavailable,
       "tasks": {c.task: {"solvable": c.solvable, "reason": c.reason, "n_nodes": c.n_nodes,
                          "edges": c.edges.get("total") if c.edges else None,
                          "qk_pairs": c.qk_pairs, "loss_full": c.loss_full,
@@ -108,7 +114,7 @@ def circuit_args(args: argparse.Namespace, workdir: str | Path
   ccfg = apply_overrides(ckpt_lib.load_config(workdir), args.overrides).circuit
   if args.target_loss is not None:
     ccfg = dataclasses.replace(ccfg, target_loss=args.target_loss)
-  names = None if args.tasks == "all" else [t for t in args.tasks.split(",") if t.strip()]
+  names = task_list(args.tasks)
   if names == []:
     raise ValueError(f"--tasks {args.tasks!r}: no task names; give a comma-separated list or all")
   return ccfg, names

@@ -1,7 +1,8 @@
 """The main job: capability vs interpretability of sparse and dense models (PAPER.md §6).
 
   python -m experiments.scale_sweep [--preset cpu] [--out DIR] [--list] [--only I]
-                                    [--collect] [--set section.field=value ...]
+                                    [--collect] [--tasks a,b|all]
+                                    [--set section.field=value ...]
 
 Trains every grid point (widths x L0 targets, plus a dense model per width), finds a circuit
 for every task in every model, and writes into --out: results.csv / results.json (a row per
@@ -9,7 +10,8 @@ model), frontier.png (pretraining loss vs geometric-mean circuit edges, Fig 3),
 circuit_size_vs_task_loss.png (a sparse and a dense model matched on pretraining loss,
 Fig 2) and report.md. Each point is an ordinary train + prune workdir under OUT/points/,
 so rerunning skips finished points and finishes partial ones; `--only I` runs one point
-(array jobs, pod slices), `--collect` only aggregates what exists.
+(array jobs, pod slices), `--collect` only aggregates what exists. The same steps are
+importable (`make_sweep`, `run_sweep`, `collect`) for notebooks/colab_tpu.ipynb.
 """
 
 from __future__ import annotations
@@ -46,16 +48,20 @@ def _training_done(workdir: Path, steps: int) -> bool:
   return (workdir / ckpt_lib.CKPT_DIR / str(steps)).is_dir()
 
 
-def _pruning_done(workdir: Path, circuit_cfg) -> bool:
+def _pruning_done(workdir: Path, circuit_cfg, tasks: list[str] | None = None) -> bool:
+  """Whether circuits exist for this circuit config and task list (None: all tasks)."""
   path = workdir / "circuits" / "summary.json"
   if not path.exists():
     return False
-  return fileio.read_json(path, _REDO).get("circuit_config") == json.loads(
-      json.dumps(dataclasses.asdict(circuit_cfg)))
+  summary = fileio.read_json(path, _REDO)
+  return (summary.get("circuit_config") == json.loads(json.dumps(dataclasses.asdict(circuit_cfg)))
+          and summary.get("requested_tasks") == tasks)
 
 
-def run_point(point: sweep_lib.Point, out: Path, *, progress: bool = True) -> None:
-  """Trains (or resumes) and prunes one grid point; finished stages are skipped."""
+def run_point(point: sweep_lib.Point, out: Path, *, tasks: list[str] | None = None,
+              progress: bool = True) -> None:
+  """Trains (or resumes) and prunes one grid point for `tasks` (None: all); finished stages
+  are skipped."""
   workdir = out / "points" / point.name
   timing_path = workdir / "timing.json"
   timing = fileio.read_json(timing_path, _REDO) if timing_path.exists() else {}
@@ -65,19 +71,20 @@ def run_point(point: sweep_lib.Point, out: Path, *, progress: bool = True) -> No
     timing["train_s"] = timing.get("train_s", 0.0) + time.perf_counter() - t0
   else:
     ckpt_lib.check_or_write_config(workdir, point.config)  # refuses a changed sweep config
-  if not _pruning_done(workdir, point.config.circuit):
+  if not _pruning_done(workdir, point.config.circuit, tasks):
     t0 = time.perf_counter()
-    prune_lib.prune(workdir, circuit_cfg=point.config.circuit, progress=progress)
+    prune_lib.prune(workdir, task_names=tasks, circuit_cfg=point.config.circuit,
+                    progress=progress)
     timing["prune_s"] = time.perf_counter() - t0
   if not timing_path.exists() or fileio.read_json(timing_path) != timing:
     fileio.atomic_write_text(timing_path, json.dumps(timing))
 
 
-def point_row(point: sweep_lib.Point, out: Path) -> dict | None:
+def point_row(point: sweep_lib.Point, out: Path, tasks: list[str] | None = None) -> dict | None:
   """The results row of a finished point, or None if it is not finished."""
   workdir = out / "points" / point.name
   if not (_training_done(workdir, point.config.train.steps)
-          and _pruning_done(workdir, point.config.circuit)):
+          and _pruning_done(workdir, point.config.circuit, tasks)):
     return None
   cfg, params, _ = ckpt_lib.load_params(workdir)
   specs = sparsity.leaf_specs(params, dataclasses.replace(cfg.sparsity, enabled=True))
@@ -107,10 +114,47 @@ def point_row(point: sweep_lib.Point, out: Path) -> dict | None:
       "timing": fileio.read_json(timing_path, _REDO) if timing_path.exists() else {}}
 
 
-def collect(sweep: sweep_lib.SweepConfig, out: Path, *, command: str) -> dict:
-  """Aggregates every finished point into results.{csv,json}, the plots and report.md."""
+def make_sweep(preset: str, overrides: list[str] = (), *, widths: tuple[int, ...] | None = None,
+               l0_targets: tuple[int, ...] | None = None) -> sweep_lib.SweepConfig:
+  """The preset's sweep with `section.field=value` overrides applied to its base config, and
+  optionally fewer (or other) widths and L0 targets than the preset's grid. The base width
+  stays the preset's, so every point keeps the config it has in the full grid."""
+  sweep = presets.get_sweep(preset)
+  grid = {k: tuple(v) for k, v in (("widths", widths), ("l0_targets", l0_targets))
+          if v is not None}
+  grid["base_width"] = sweep.base_width or min(sweep.widths)
+  return dataclasses.replace(sweep, base=apply_overrides(sweep.base, list(overrides)), **grid)
+
+
+def describe_grid(sweep: sweep_lib.SweepConfig) -> str:
+  """One line per grid point: index, name, size and densities (what `--list` prints)."""
+  lines = []
+  for i, p in enumerate(sweep_lib.grid(sweep)):
+    m, s = p.config.model, p.config.sparsity
+    dens = (f"weight density {s.weight_density:.4f}, embed {s.embed_density:.4f}"
+            if s.enabled else "dense")
+    lines.append(f"{i:3d}  {p.name:24s} d_model={m.d_model} n_layer={m.n_layer} {dens}")
+  return "\n".join(lines)
+
+
+def run_sweep(sweep: sweep_lib.SweepConfig, out: str | Path, *, only: int | None = None,
+              tasks: list[str] | None = None, progress: bool = True) -> None:
+  """Trains and prunes every point (or point `only`), skipping what is already finished."""
   points = sweep_lib.grid(sweep)
-  rows = [r for r in (point_row(p, out) for p in points) if r is not None]
+  if only is not None and not 0 <= only < len(points):
+    raise ValueError(f"--only {only}: the grid has points 0..{len(points) - 1}")
+  todo = points if only is None else [points[only]]
+  for i, p in enumerate(todo):
+    log.info("sweep point %d/%d: %s", i + 1, len(todo), p.name)
+    run_point(p, Path(out), tasks=tasks, progress=progress)
+
+
+def collect(sweep: sweep_lib.SweepConfig, out: str | Path, *, command: str,
+            tasks: list[str] | None = None) -> dict:
+  """Aggregates every finished point into results.{csv,json}, the plots and report.md."""
+  out = Path(out)
+  points = sweep_lib.grid(sweep)
+  rows = [r for r in (point_row(p, out, tasks) for p in points) if r is not None]
   missing = [p.name for p in points if not any(r["name"] == p.name for r in rows)]
   primary = sweep.base.circuit.target_loss
   targets = sorted(set(sweep_lib.targets_of(rows)) | {primary})
@@ -166,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--list", action="store_true", help="print the grid points and exit")
   parser.add_argument("--only", type=int, default=None, metavar="I", help="run point I only")
   parser.add_argument("--collect", action="store_true", help="only aggregate finished points")
+  parser.add_argument("--tasks", default="all",
+                      help="comma-separated task names to find circuits for, or all")
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="SECTION.FIELD=VALUE", help="override the base config")
   parser.add_argument("--no-progress", action="store_true")
@@ -173,30 +219,26 @@ def main(argv: list[str] | None = None) -> int:
                       help="call jax.distributed.initialize() first; run on every host")
   args = parser.parse_args(argv)
   out = Path(args.out or f"runs/sweep_{args.preset}")
-  sweep = presets.get_sweep(args.preset)
-  sweep = dataclasses.replace(sweep, base=apply_overrides(sweep.base, args.overrides))
+  sweep = make_sweep(args.preset, args.overrides)
   points = sweep_lib.grid(sweep)
   if args.list:
-    for i, p in enumerate(points):
-      m, s = p.config.model, p.config.sparsity
-      dens = (f"weight density {s.weight_density:.4f}, embed {s.embed_density:.4f}"
-              if s.enabled else "dense")
-      print(f"{i:3d}  {p.name:24s} d_model={m.d_model} n_layer={m.n_layer} {dens}")
+    print(describe_grid(sweep))
     return 0
   if args.only is not None and not 0 <= args.only < len(points):
     raise ValueError(f"--only {args.only}: the grid has points 0..{len(points) - 1}")
+  tasks = prune_lib.task_list(args.tasks)
+  if tasks == []:
+    raise ValueError(f"--tasks {args.tasks!r}: no task names; give a comma-separated list or all")
   fileio.check_writable_dir(out, "--out")  # before hours of training, not after
   if args.distributed:
     jax.distributed.initialize()
   if not args.collect:
-    todo = points if args.only is None else [points[args.only]]
-    for i, p in enumerate(todo):
-      log.info("sweep point %d/%d: %s", i + 1, len(todo), p.name)
-      run_point(p, out, progress=not args.no_progress)
+    run_sweep(sweep, out, only=args.only, tasks=tasks, progress=not args.no_progress)
   command = "python -m experiments.scale_sweep " + " ".join(argv if argv is not None
                                                              else sys.argv[1:])
-  results = collect(sweep, out, command=command.strip())
-  print(f"wrote {out}/report.md ({len(results['rows'])} of {len(points)} points finished)")
+  results = collect(sweep, out, command=command.strip(), tasks=tasks)
+  n_points = len(results["rows"]) + len(results["missing_points"])
+  print(f"wrote {out}/report.md ({len(results['rows'])} of {n_points} points finished)")
   return 0
 
 

@@ -1,4 +1,4 @@
-"""CLI: `python -m experiments.train --preset {tiny,cpu,paper} --workdir DIR [--set k=v ...]`.
+"""CLI: `python -m experiments.train --preset {tiny,cpu,tpu,paper} --workdir DIR [--set k=v ...]`.
 
 Rerunning the same command resumes from the latest good checkpoint in DIR. `--seeds N` trains
 the same config with train.seed = 0..N-1 into sibling directories DIR_seed0 .. DIR_seed{N-1},

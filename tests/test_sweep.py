@@ -2,6 +2,7 @@
 end (files, fields, resuming without redoing finished points)."""
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -146,3 +147,27 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
   # --collect only aggregates.
   (out / "report.md").unlink()
   assert scale_sweep.main(args + ["--collect"]) == 0 and (out / "report.md").exists()
+
+
+def test_make_sweep_subset_keeps_each_points_config(tmp_path):
+  full = {p.name: p.config for p in sweep_lib.grid(scale_sweep.make_sweep("tpu"))}
+  part = scale_sweep.make_sweep("tpu", ["train.steps=10"], widths=[256], l0_targets=[100_000])
+  points = sweep_lib.grid(part)
+  assert [p.name for p in points] == ["d256_dense", "d256_l0_100000"]
+  for p in points:  # the base width stays 128: the densities are the full grid's
+    assert p.config.sparsity == full[p.name].sparsity and p.config.train.steps == 10
+  assert "  1  d256_l0_100000" in scale_sweep.describe_grid(part)
+  with pytest.raises(ValueError, match="sweep.widths: duplicate points"):
+    scale_sweep.make_sweep("tiny", widths=[32, 32])
+
+  # Circuits found for some tasks do not count as done for another task list.
+  ccfg = points[0].config.circuit
+  (tmp_path / "circuits").mkdir()
+  summary = {"circuit_config": dataclasses.asdict(ccfg), "requested_tasks": ["else_elif"]}
+  (tmp_path / "circuits" / "summary.json").write_text(json.dumps(summary))
+  assert scale_sweep._pruning_done(tmp_path, ccfg, ["else_elif"])
+  assert not scale_sweep._pruning_done(tmp_path, ccfg, None)
+  del summary["requested_tasks"]  # written before task lists existed: all tasks
+  (tmp_path / "circuits" / "summary.json").write_text(json.dumps(summary))
+  assert scale_sweep._pruning_done(tmp_path, ccfg, None)
+  assert not scale_sweep._pruning_done(tmp_path, ccfg, ["else_elif"])

@@ -18,7 +18,10 @@ every parameter (`RULES`):
     leaves 1-D biases dense. We follow the paper (`sparsify_biases=True`, `embed_density`, as
     the script's L0frac for biases); set it False to reproduce the script.
   - RMSNorm scales, sink logits and the bigram table are never sparsified.
-Weight decay applies to every sparsified parameter (not norms, sinks or the bigram table).
+  - bridges/... (bridges.py's encoders and decoders, trained beside a sparse model) are
+    dense linear maps: never sparsified, weight-decayed like the model's weights.
+Weight decay applies to every sparsified parameter and the bridges (not norms, sinks or the
+bigram table).
 
 The schedule anneals every group's density linearly from 1 (dense) to its target between
 `anneal_start_frac` and `anneal_end_frac` of training. k is computed from the optimiser's
@@ -46,6 +49,7 @@ RULES = (
     (r"blocks/\d+/mlp/c_fc/w", "matrix", 1),
     (r"blocks/\d+/mlp/c_proj/w", "matrix", 0),
     (r"wte|wpe|lm_head/w", "embed", None),
+    (r"bridges/.*", "bridge", None),
     (r".*/b", "bias", None),
     (r".*/scale|blocks/\d+/attn/sink|bigram", "dense", None),
 )
@@ -61,7 +65,7 @@ class LeafSpec:
   """How one parameter is sparsified."""
 
   path: str
-  group: str  # the RULES group: "matrix", "embed", "bias" or "dense"
+  group: str  # the RULES group: "matrix", "embed", "bias", "bridge" or "dense"
   shape: tuple[int, ...]
   density: float  # final fraction of nonzeros; 1.0 = dense
   neuron_axis: int | None  # axis of neurons protected by min_per_neuron, if any
@@ -96,8 +100,8 @@ def leaf_specs(params: Any, scfg: SparsityConfig) -> dict[str, LeafSpec]:
     if group == "bias" and not scfg.sparsify_biases:
       group = "dense"
     density = {"matrix": scfg.weight_density, "embed": scfg.embed_density,
-               "bias": scfg.embed_density, "dense": 1.0}[group]
-    sparsified = scfg.enabled and group != "dense"
+               "bias": scfg.embed_density, "bridge": 1.0, "dense": 1.0}[group]
+    sparsified = scfg.enabled and group not in ("bridge", "dense")
     specs[name] = LeafSpec(name, group, tuple(leaf.shape), density if sparsified else 1.0,
                            axis if sparsified and scfg.min_per_neuron else None, sparsified)
   return specs
@@ -242,8 +246,8 @@ def make_optimizer(cfg: Config, params: Any, total_steps: int) -> optax.Gradient
   """The full chain for `params` (arrays or ShapeDtypeStructs) trained for total_steps."""
   specs = leaf_specs(params, cfg.sparsity)
   ocfg = cfg.optim
-  # Decay everything a sparse run may sparsify (dense baseline included), as RULES' "dense"
-  # group is exactly the norms, sinks and bigram table.
+  # Decay everything a sparse run may sparsify (dense baseline included) and the bridges, as
+  # RULES' "dense" group is exactly the norms, sinks and bigram table.
   decay_mask = jax.tree_util.tree_map_with_path(
       lambda path, _: not re.fullmatch(_NEVER_DECAYED, path_str(path)), params)
   lr = learning_rate_fn(ocfg, cfg.sparsity, specs, total_steps)
@@ -259,7 +263,8 @@ def make_optimizer(cfg: Config, params: Any, total_steps: int) -> optax.Gradient
 def l0_stats(params: Any, specs: dict[str, LeafSpec], step: int | None = None,
              total_steps: int | None = None, scfg: SparsityConfig | None = None) -> dict:
   """Nonzero counts per sparsified param, per RULES group ("matrix", "embed", "bias",
-  "dense") and in total (plus the scheduled total L0 if step given)."""
+  "bridge", "dense") and in total over the model, bridges excluded (plus the scheduled total
+  L0 if step given)."""
   stats = {}
   groups = {}
   flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -269,8 +274,8 @@ def l0_stats(params: Any, specs: dict[str, LeafSpec], step: int | None = None,
     if spec.sparsified:
       stats[f"sparsity/l0/{name}"] = nz
   stats.update({f"sparsity/l0_group/{g}": n for g, n in sorted(groups.items())})
-  stats["sparsity/l0_total"] = sum(groups.values())
-  stats["sparsity/params_total"] = sum(s.numel for s in specs.values())
+  stats["sparsity/l0_total"] = sum(n for g, n in groups.items() if g != "bridge")
+  stats["sparsity/params_total"] = sum(s.numel for s in specs.values() if s.group != "bridge")
   if step is not None and scfg is not None:
     stats["sparsity/l0_scheduled"] = int(scheduled_l0(specs, step, total_steps, scfg)) + sum(
         s.numel for s in specs.values() if not s.sparsified)

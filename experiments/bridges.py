@@ -217,8 +217,9 @@ def steer(workdir: str | Path, task: str, channel: str | None = None, *, n_pairs
   rms_s = bridges.mean_rms(params, ref, cfg.model, j)
   add_PxLxD = bridges.steering_direction(params, cfg.model, tokens_Px2xL[:, 0],
                                          tokens_Px2xL[:, 1], j, c, rms_d / rms_s)
-  steered = jax.jit(lambda s: jax.nn.softmax(bridges.steered_logits(
-      dense_params, dense_cfg.model, tokens_Px2xL[:, 0], j, add_PxLxD, s, pos_P), axis=-1))
+  # Op by op, not jitted: strength 0 then gives the plain dense model's logits bit for bit.
+  steered = lambda s: jax.nn.softmax(bridges.steered_logits(  # noqa: E731
+      dense_params, dense_cfg.model, tokens_Px2xL[:, 0], j, add_PxLxD, s, pos_P), axis=-1)
   rows_P = jnp.arange(pos_P.shape[0])
   curve = []
   for s in np.linspace(0.0, 1.0, n_strengths):

@@ -158,11 +158,13 @@ def test_steering_at_strength_zero_is_the_dense_model_bitwise():
   tokens = _batch(B=4, L1=10)
   presented, counterfactual = tokens[:, :-1], tokens[:, 1:]
   pos = jnp.array([8, 5, 8, 0])
-  plain = jax.jit(lambda p, t: model_lib.forward(p, t, DENSE, positions_B=pos))(dense, presented)
+  # Op by op (as `steer` runs it): separately jitted programs may fuse differently and
+  # differ in the last bit, which would hide whether the edit itself changes anything.
+  plain = model_lib.forward(dense, presented, DENSE, positions_B=pos)
   for j in range(2):
     add = bridges.steering_direction(sparse, SPARSE, presented, counterfactual, j, 3, 1.7)
-    steered = jax.jit(lambda s, add=add, j=j: bridges.steered_logits(
-        dense, DENSE, presented, j, add, s, pos))
+    steered = lambda s, add=add, j=j: bridges.steered_logits(  # noqa: E731
+        dense, DENSE, presented, j, add, s, pos)
     np.testing.assert_array_equal(np.asarray(steered(jnp.float32(0.0))), np.asarray(plain))
     assert float(jnp.max(jnp.abs(steered(jnp.float32(1.0)) - plain))) > 1e-4
   assert bridges.parse_channel("0.mlp.15", SPARSE) == (1, 15)

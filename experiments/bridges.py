@@ -235,9 +235,9 @@ def steer(workdir: str | Path, task: str, channel: str | None = None, *, n_pairs
          "dense_on_counterfactual": {"p_tok": float(jnp.mean(cf_PxV[rows_P, tok_P])),
                                      "p_alt": float(jnp.mean(cf_PxV[rows_P, alt_P]))},
          "curve": curve}
-  base = workdir / f"steer_{circuits_lib.file_stem(task)}_{channel}"
-  fileio.atomic_write_text(base.with_suffix(".json"), json.dumps(out, indent=2))
-  _plot(out, base.with_suffix(".png"))
+  base = f"steer_{circuits_lib.file_stem(task)}_{channel}"  # the channel has dots: no suffix
+  fileio.atomic_write_text(workdir / f"{base}.json", json.dumps(out, indent=2))
+  _plot(out, workdir / f"{base}.png")
   return out
 
 

@@ -172,6 +172,7 @@ def test_steering_at_strength_zero_is_the_dense_model_bitwise():
     bridges.parse_channel("0.q.1", SPARSE)
 
 
+@pytest.mark.slow  # trains three small runs (dense, bridged, resumed)
 def test_resumed_bridge_run_is_bitwise_identical(tmp_path):
   cache = tmp_path / "cache"
   dense_cfg = tiny_config(cache, "sparsity.enabled=false", "train.steps=4",

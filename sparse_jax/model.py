@@ -217,24 +217,52 @@ def forward(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, *,
   if unknown:
     raise ValueError(f"unknown node site(s) {sorted(unknown)}; sites look like '0.attn.q'")
   s = _Sites(cfg, ablation, capture)
-  L = tokens_BxL.shape[1]
-  x_BxLxD = params["wte"][tokens_BxL]
-  if cfg.learned_pos_emb:
-    x_BxLxD = x_BxLxD + params["wpe"][:L]
-  for i in range(cfg.n_layer):
-    p = params["blocks"][str(i)]
-    x_BxLxD = x_BxLxD + _attention(p, x_BxLxD, cfg, s, i)
-    x_BxLxD = x_BxLxD + _mlp(p, x_BxLxD, cfg, s, i)
+  x_BxLxD = run_sublayers(params, embed(params, tokens_BxL, cfg), cfg, sites=s)
   if positions_B is not None:  # from here on "L" is the single position read
     rows_B = jnp.arange(tokens_BxL.shape[0])
     x_BxLxD, tokens_BxL = x_BxLxD[rows_B, positions_B], tokens_BxL[rows_B, positions_B]
+  logits_BxLxV = unembed(params, x_BxLxD, tokens_BxL, cfg)
+  return (logits_BxLxV, s.acts) if capture else logits_BxLxV
+
+
+# `forward` in pieces, for code that reads or replaces the residual stream between sublayers
+# (bridges). Sublayer j is layer j // 2's attention (j even) or MLP (j odd); "the residual at
+# sublayer j" is the pre-norm residual entering it.
+
+
+def n_sublayers(cfg: ModelConfig) -> int:
+  return 2 * cfg.n_layer
+
+
+def embed(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """The residual at sublayer 0: token (plus learned position) embeddings, x_BxLxD."""
+  x_BxLxD = params["wte"][tokens_BxL]
+  if cfg.learned_pos_emb:
+    x_BxLxD = x_BxLxD + params["wpe"][:tokens_BxL.shape[1]]
+  return x_BxLxD
+
+
+def run_sublayers(params: Params, x_BxLxD: jax.Array, cfg: ModelConfig, start: int = 0,
+                  stop: int | None = None, *, sites: _Sites | None = None) -> jax.Array:
+  """The residual after sublayers start..stop-1, given the residual x entering `start`."""
+  s = sites if sites is not None else _Sites(cfg, None, ())
+  for j in range(start, n_sublayers(cfg) if stop is None else stop):
+    i = j // 2
+    sublayer = _attention if j % 2 == 0 else _mlp
+    x_BxLxD = x_BxLxD + sublayer(params["blocks"][str(i)], x_BxLxD, cfg, s, i)
+  return x_BxLxD
+
+
+def unembed(params: Params, x_BxLxD: jax.Array, tokens_BxL: jax.Array,
+            cfg: ModelConfig) -> jax.Array:
+  """Logits from the final residual (tokens index the bigram table's rows)."""
   x_BxLxD = rms_norm(x_BxLxD, params["ln_f"]["scale"])
   logits_BxLxV = x_BxLxD @ params["lm_head"]["w"]
   if cfg.final_logits_bias:
     logits_BxLxV = logits_BxLxV + params["final_logits_bias"]
   if cfg.enable_bigram_table:
     logits_BxLxV = logits_BxLxV + params["bigram"][tokens_BxL]
-  return (logits_BxLxV, s.acts) if capture else logits_BxLxV
+  return logits_BxLxV
 
 
 def next_token_loss(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig) -> jax.Array:

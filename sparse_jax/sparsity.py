@@ -18,6 +18,8 @@ every parameter (`RULES`):
     leaves 1-D biases dense. We follow the paper (`sparsify_biases=True`, `embed_density`, as
     the script's L0frac for biases); set it False to reproduce the script.
   - RMSNorm scales, sink logits, the bigram table and final_logits_bias are never sparsified.
+  - bridges/... (bridges.py's encoders and decoders, trained beside a sparse model) are
+    dense linear maps: never sparsified, weight-decayed like the model's weight matrices.
 Weight decay (`OptimConfig.decay_biases`) follows the authors' script: weight matrices and
 embeddings (every >= 2-D parameter but the bigram table) are decayed, biases are not unless
 asked; norms, sinks and the bigram table never are. The sharkfin factor
@@ -52,6 +54,7 @@ RULES = (
     (r"blocks/\d+/mlp/c_fc/w", "matrix", 1),
     (r"blocks/\d+/mlp/c_proj/w", "matrix", 0),
     (r"wte|wpe|lm_head/w", "embed", None),
+    (r"bridges/.*", "bridge", None),
     (r".*/b", "bias", None),
     (r".*/scale|blocks/\d+/attn/sink|bigram|final_logits_bias", "dense", None),
 )
@@ -66,7 +69,7 @@ class LeafSpec:
   """How one parameter is sparsified."""
 
   path: str
-  group: str  # the RULES group: "matrix", "embed", "bias" or "dense"
+  group: str  # the RULES group: "matrix", "embed", "bias", "bridge" or "dense"
   shape: tuple[int, ...]
   density: float  # final fraction of nonzeros; 1.0 = dense
   neuron_axis: int | None  # axis of neurons protected by min_per_neuron, if any
@@ -111,8 +114,8 @@ def leaf_specs(params: Any, scfg: SparsityConfig) -> dict[str, LeafSpec]:
     if group == "bias" and not scfg.sparsify_biases:
       group = "dense"
     density = {"matrix": scfg.weight_density, "embed": scfg.embed_density,
-               "bias": scfg.embed_density, "dense": 1.0}[group]
-    sparsified = scfg.enabled and group != "dense"
+               "bias": scfg.embed_density, "bridge": 1.0, "dense": 1.0}[group]
+    sparsified = scfg.enabled and group not in ("bridge", "dense")
     specs[name] = LeafSpec(name, group, tuple(leaf.shape), density if sparsified else 1.0,
                            axis if sparsified and scfg.min_per_neuron else None, sparsified)
     _check_neuron_minimum(specs[name], scfg.min_per_neuron)
@@ -281,8 +284,8 @@ def make_optimizer(cfg: Config, params: Any, total_steps: int) -> optax.Gradient
   specs = leaf_specs(params, cfg.sparsity)
   ocfg = cfg.optim
   # By RULES group, not by spec, so that the dense baseline decays exactly what a sparse run
-  # does: matrices and embeddings, biases only if asked, never norms, sinks or the bigram.
-  decayed = {"matrix", "embed"} | ({"bias"} if ocfg.decay_biases else set())
+  # does: matrices, embeddings and bridges, biases only if asked, never norms, sinks or bigram.
+  decayed = {"matrix", "embed", "bridge"} | ({"bias"} if ocfg.decay_biases else set())
   decay_mask = jax.tree_util.tree_map_with_path(
       lambda path, _: rule_of(path_str(path))[0] in decayed, params)
   lr = learning_rate_fn(ocfg, cfg.sparsity, specs, total_steps)
@@ -298,7 +301,8 @@ def make_optimizer(cfg: Config, params: Any, total_steps: int) -> optax.Gradient
 def l0_stats(params: Any, specs: dict[str, LeafSpec], step: int | None = None,
              total_steps: int | None = None, scfg: SparsityConfig | None = None) -> dict:
   """Nonzero counts per sparsified param, per RULES group ("matrix", "embed", "bias",
-  "dense") and in total (plus the scheduled total L0 if step given)."""
+  "bridge", "dense") and in total over the model, bridges excluded (plus the scheduled total
+  L0 if step given)."""
   stats = {}
   groups = {}
   flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -308,8 +312,8 @@ def l0_stats(params: Any, specs: dict[str, LeafSpec], step: int | None = None,
     if spec.sparsified:
       stats[f"sparsity/l0/{name}"] = nz
   stats.update({f"sparsity/l0_group/{g}": n for g, n in sorted(groups.items())})
-  stats["sparsity/l0_total"] = sum(groups.values())
-  stats["sparsity/params_total"] = sum(s.numel for s in specs.values())
+  stats["sparsity/l0_total"] = sum(n for g, n in groups.items() if g != "bridge")
+  stats["sparsity/params_total"] = sum(s.numel for s in specs.values() if s.group != "bridge")
   if step is not None and scfg is not None:
     stats["sparsity/l0_scheduled"] = int(scheduled_l0(specs, step, total_steps, scfg)) + sum(
         s.numel for s in specs.values() if not s.sparsified)

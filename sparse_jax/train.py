@@ -14,12 +14,13 @@ after it, so the last good checkpoint stays intact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -49,6 +50,28 @@ class TrainState:
   opt_state: Any
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What `train` optimises; `lm_objective(cfg)`, the plain language model, by default.
+
+  Other objectives (bridges.py) train more than the model's params, against inputs that stay
+  fixed; the loop, checkpoints, metrics and evaluation stay the same.
+  """
+
+  init_params: Callable[[jax.Array], Any]  # key -> trainable params (the model's at the top)
+  loss_fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]  # (params, frozen, batch)
+  # -> (loss, aux): aux scalars are logged as "train/<name>" with the loss.
+  frozen: Any = None  # inputs never trained (e.g. a dense model), replicated over the mesh
+
+
+def lm_objective(cfg: Config) -> Objective:
+  def loss_fn(params, frozen, batch_BxL1):
+    del frozen
+    return model_lib.next_token_loss(params, batch_BxL1, cfg.model), {}
+
+  return Objective(lambda key: model_lib.init_params(cfg.model, key), loss_fn)
+
+
 def make_mesh() -> Mesh:
   """A 1-D ("data",) mesh over every device (all hosts' devices under jax.distributed)."""
   return Mesh(np.array(jax.devices()), ("data",))
@@ -61,43 +84,51 @@ def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
                      f"the mesh; use a multiple of {n}")
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg.model, jax.random.PRNGKey(0)))
+def make_optimizer(cfg: Config, objective: Objective | None = None
+                   ) -> optax.GradientTransformation:
+  objective = objective or lm_objective(cfg)
+  abstract = jax.eval_shape(lambda: objective.init_params(jax.random.PRNGKey(0)))
   return sparsity.make_optimizer(cfg, abstract, cfg.train.steps)
 
 
-def init_state(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+def init_state(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh,
+               objective: Objective | None = None) -> TrainState:
   """Fresh state from cfg.train.seed, replicated over the mesh."""
+  objective = objective or lm_objective(cfg)
 
   def init():
-    params = model_lib.init_params(cfg.model, jax.random.PRNGKey(cfg.train.seed))
+    params = objective.init_params(jax.random.PRNGKey(cfg.train.seed))
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=opt.init(params))
 
   return jax.jit(init, out_shardings=NamedSharding(mesh, P()))()
 
 
-def abstract_state(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+def abstract_state(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh,
+                   objective: Objective | None = None) -> TrainState:
+  objective = objective or lm_objective(cfg)
   replicated = NamedSharding(mesh, P())
   shapes = jax.eval_shape(lambda: TrainState(
       step=jnp.zeros([], jnp.int32),
-      params=(p := model_lib.init_params(cfg.model, jax.random.PRNGKey(0))),
+      params=(p := objective.init_params(jax.random.PRNGKey(0))),
       opt_state=opt.init(p)))
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                       shapes)
 
 
-def make_train_step(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh):
-  """The jitted step: (state, batch_Bx(L+1)) -> (state, metrics), state donated."""
+def make_train_step(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh,
+                    objective: Objective | None = None):
+  """The jitted step: (state, batch_Bx(L+1), frozen) -> (state, metrics), state donated."""
+  objective = objective or lm_objective(cfg)
   replicated = NamedSharding(mesh, P())
 
-  def step(state: TrainState, batch_BxL1: jax.Array):
-    loss, grads = jax.value_and_grad(model_lib.next_token_loss)(state.params, batch_BxL1,
-                                                                cfg.model)
+  def step(state: TrainState, batch_BxL1: jax.Array, frozen):
+    (loss, aux), grads = jax.value_and_grad(objective.loss_fn, has_aux=True)(
+        state.params, frozen, batch_BxL1)
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(state.step + 1, params, opt_state), {"loss": loss}
+    return TrainState(state.step + 1, params, opt_state), {"loss": loss, **aux}
 
-  return jax.jit(step, in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+  return jax.jit(step, in_shardings=(replicated, NamedSharding(mesh, P("data")), replicated),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
@@ -158,23 +189,26 @@ def _check_finite(loss: float, step: int, workdir: Path, last_saved: int | None,
                              "Lower optim.lr or check the data.")
 
 
-def train(cfg: Config, workdir: str | Path, *, progress: bool = True) -> TrainState:
+def train(cfg: Config, workdir: str | Path, *, progress: bool = True,
+          objective: Objective | None = None) -> TrainState:
   """Trains (or resumes) the run in `workdir` to cfg.train.steps; returns the final state.
 
   Args:
     cfg: the experiment; must equal the config saved in workdir if the run exists.
     workdir: run directory (created if missing).
     progress: show a tqdm bar.
+    objective: what to train; default `lm_objective(cfg)`. Evaluation always reads the
+      model's params (the top level of the params tree).
   """
   workdir = Path(workdir)
   # Fail in a second, not after data preparation or at the first checkpoint.
   fileio.check_writable_dir(workdir, "workdir")
   fileio.check_writable_dir(workdir / ckpt_lib.CKPT_DIR, "checkpoint directory")
   with ckpt_lib.locked(workdir):
-    return _train(cfg, workdir, progress)
+    return _train(cfg, workdir, progress, objective or lm_objective(cfg))
 
 
-def _train(cfg: Config, workdir: Path, progress: bool) -> TrainState:
+def _train(cfg: Config, workdir: Path, progress: bool, objective: Objective) -> TrainState:
   ckpt_lib.check_or_write_config(workdir, cfg)
   tc = cfg.train
   mesh = make_mesh()
@@ -185,11 +219,11 @@ def _train(cfg: Config, workdir: Path, progress: bool) -> TrainState:
     raise ValueError(f"tokenizer has {dataset.tokenizer.get_vocab_size()} tokens but "
                      f"model.vocab_size={cfg.model.vocab_size}")
 
-  opt = make_optimizer(cfg)
+  opt = make_optimizer(cfg, objective)
   manager = ckpt_lib.make_manager(workdir, cfg)
-  state = ckpt_lib.restore_latest(manager, abstract_state(cfg, opt, mesh))
+  state = ckpt_lib.restore_latest(manager, abstract_state(cfg, opt, mesh, objective))
   if state is None:
-    state = init_state(cfg, opt, mesh)
+    state = init_state(cfg, opt, mesh, objective)
   start = int(state.step)
   last_saved = start if start > 0 else None
   if start:
@@ -197,7 +231,8 @@ def _train(cfg: Config, workdir: Path, progress: bool) -> TrainState:
   log = MetricsLog(workdir, start)
   specs = sparsity.leaf_specs(state.params, cfg.sparsity)
   lr_fn = sparsity.learning_rate_fn(cfg.optim, cfg.sparsity, specs, tc.steps)
-  step_fn = make_train_step(cfg, opt, mesh)
+  step_fn = make_train_step(cfg, opt, mesh, objective)
+  frozen = jax.device_put(objective.frozen, NamedSharding(mesh, P()))
   evaluator = _Evaluator(cfg, dataset, mesh)
   save_steps = set(ckpt_lib.log_spaced_steps(tc.steps, tc.n_log_ckpts))
 
@@ -208,7 +243,7 @@ def _train(cfg: Config, workdir: Path, progress: bool) -> TrainState:
   try:
     for s in range(start + 1, tc.steps + 1):
       batch = shard_batch(dataset.train_batch(tc.seed, s, tc.batch_size, tc.seq_len), mesh)
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, batch, frozen)
       tokens_since += tc.batch_size * tc.seq_len
       if pending is not None:
         _check_finite(float(pending[1]["loss"]), pending[0], workdir, last_saved)
@@ -219,6 +254,7 @@ def _train(cfg: Config, workdir: Path, progress: bool) -> TrainState:
         now = time.perf_counter()
         row = {"train/loss": loss, "train/lr": float(lr_fn(s - 1)),
                "train/tokens_per_s": tokens_since / (now - t_last)}
+        row.update({f"train/{k}": float(v) for k, v in metrics.items() if k != "loss"})
         row.update(sparsity.l0_stats(state.params, specs))
         log.write(s, row)
         bar.set_postfix(loss=f"{loss:.3f}")

@@ -1,0 +1,287 @@
+"""Bridges: read a dense model through a weight-sparse one (PAPER.md §5; paper §3.3, Fig 9).
+
+A bridge sits at every sublayer j (before each attention and each MLP: j = 2 * layer for
+attention, 2 * layer + 1 for the MLP, named "LAYER.attn" / "LAYER.mlp") and maps between the
+two models' pre-RMSNorm residuals there (h^d_j of width Dd, h^s_j of width Ds):
+  encoder f_j(h^d) = AbsTopK(h^d @ enc_w[j] + enc_b[j])   dense -> sparse
+  decoder g_j(h^s) = h^s @ dec_w[j] + dec_b[j]             sparse -> dense
+A sparse model and its bridges are trained together against a frozen dense model (y^d its
+next-token distribution) on
+  ce      * CE(sparse model)
+  + nmse  * sum_j [NMSE(f_j(h^d_j), h^s_j) + NMSE(g_j(h^s_j), h^d_j)]
+  + kl_ds * sum_j KL(y^d || sparse model run from sublayer j on f_j(h^d_j))
+  + kl_sd * sum_j KL(y^d || dense model run from sublayer j on g_j(h^s_j))
+  + kl_full * KL(y^d || sparse model)
+The two KL paths are the single-transition "hybrid" models (dense up to j, then sparse; and
+sparse up to j, then dense); their cross-entropies are reported as well.
+
+What the paper leaves open (PAPER.md §5), as `BridgeConfig` fields with our defaults: the
+coefficients (all 1; the extra whole-model KL(dense || sparse) term is off, kl_full = 0), the
+NMSE normaliser ("token": per-token fraction of variance unexplained, ||pred - t||^2 /
+||t||^2 with the denominator detached so it cannot be gamed), the encoder's AbsTopK fraction
+(1/4, the paper's main afrac; 1 disables it) and the bridge init (N(0, 1/fan_in)). The dense
+model is always frozen: it is passed to the loss as a fixed input, never trained.
+
+Params: the sparse model's params dict plus "bridges" = {"enc": {"w" [S,Dd,Ds], "b" [S,Ds]},
+"dec": {"w" [S,Ds,Dd], "b" [S,Dd]}} (S = 2 n_layer), so `checkpoint.load_params` reads a
+bridge run's sparse model like any run's, `model.forward` ignores the bridges, and the
+project's optax chain trains both (sparsity.RULES: bridges are dense and weight-decayed; the
+model keeps its exact-L0 projection).
+
+Steering (Fig 9, A.4): for a sparse residual-read channel c at sublayer j (site
+"LAYER.attn.act_in" or "LAYER.mlp.act_in"), delta_BxL = act(counterfactual) - act(presented)
+at every token; the dense residual at sublayer j gets
+  strength * (rms_dense_j / rms_sparse_j) * delta_BxL[..., None] * dec_w[j, c]
+where rms_*_j are the mean per-token RMS of each model's residual at j on reference text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_jax import model as model_lib
+from sparse_jax import train as train_lib
+from sparse_jax.config import Config, ModelConfig
+
+NMSE_NORMS = ("token", "batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class BridgeConfig:
+  """Loss coefficients and the choices the paper leaves open (module docstring)."""
+
+  ce_coef: float = 1.0  # the sparse model's own next-token cross-entropy
+  nmse_coef: float = 1.0  # both reconstruction directions, every sublayer
+  kl_ds_coef: float = 1.0  # KL(dense || dense-then-sparse hybrid), every sublayer
+  kl_sd_coef: float = 1.0  # KL(dense || sparse-then-dense hybrid), every sublayer
+  kl_full_coef: float = 0.0  # KL(dense || sparse) on whole models; an optional extra term
+  # "token": mean over tokens of ||pred - t||^2 / ||t||^2; "batch": mean ||pred - t||^2 over
+  # the summed per-channel variance of t across the batch's tokens. Denominators detached.
+  nmse_norm: str = "token"
+  enc_afrac: float = 0.25  # fraction of sparse-residual channels the encoder's AbsTopK keeps
+  init_std: float | None = None  # bridge weight init std; None = 1/sqrt(fan_in)
+
+  def __post_init__(self):
+    for f in ("ce_coef", "nmse_coef", "kl_ds_coef", "kl_sd_coef", "kl_full_coef"):
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+        raise ValueError(f"bridge.{f}: must be a number >= 0, got {v!r}")
+    if self.nmse_norm not in NMSE_NORMS:
+      raise ValueError(f"bridge.nmse_norm: must be one of {NMSE_NORMS}, got {self.nmse_norm!r}")
+    if not isinstance(self.enc_afrac, (int, float)) or not 0 < self.enc_afrac <= 1:
+      raise ValueError(f"bridge.enc_afrac: must be in (0, 1], got {self.enc_afrac!r}")
+    if self.init_std is not None and not self.init_std > 0:
+      raise ValueError(f"bridge.init_std: must be > 0 or None, got {self.init_std!r}")
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "BridgeConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"bridge.{unknown[0]}: unknown field; known: {', '.join(sorted(known))}")
+    return cls(**d)
+
+
+def apply_overrides(bcfg: BridgeConfig, overrides: list[str]) -> BridgeConfig:
+  """bcfg with `bridge.field=value` overrides (the CLI's --set) applied."""
+  from sparse_jax.config import _parse_value  # the one CLI value parser
+
+  d = dataclasses.asdict(bcfg)
+  hints = typing.get_type_hints(BridgeConfig)
+  for item in overrides:
+    key, _, text = item.partition("=")
+    field = key[len("bridge."):]
+    if field not in hints:
+      raise ValueError(f"{key}: unknown field; known: {', '.join(sorted(hints))}")
+    d[field] = _parse_value(hints[field], text, key)
+  return BridgeConfig.from_dict(d)
+
+
+def site_name(j: int) -> str:
+  return f"{j // 2}.{'attn' if j % 2 == 0 else 'mlp'}"
+
+
+def check_pair(dense: ModelConfig, sparse: ModelConfig) -> None:
+  """The two models must share depth and vocabulary to be bridged."""
+  for f in ("n_layer", "vocab_size", "enable_bigram_table"):
+    if getattr(dense, f) != getattr(sparse, f):
+      raise ValueError(f"model.{f}: the sparse model has {getattr(sparse, f)!r} but the dense "
+                       f"model {getattr(dense, f)!r}; bridged models must match")
+
+
+def init_bridges(dense: ModelConfig, sparse: ModelConfig, bcfg: BridgeConfig,
+                 key: jax.Array) -> dict[str, Any]:
+  S, Dd, Ds = model_lib.n_sublayers(sparse), dense.d_model, sparse.d_model
+  k_enc, k_dec = jax.random.split(key)
+  std_enc = bcfg.init_std or 1 / np.sqrt(Dd)
+  std_dec = bcfg.init_std or 1 / np.sqrt(Ds)
+  return {"enc": {"w": std_enc * jax.random.normal(k_enc, (S, Dd, Ds)), "b": jnp.zeros((S, Ds))},
+          "dec": {"w": std_dec * jax.random.normal(k_dec, (S, Ds, Dd)), "b": jnp.zeros((S, Dd))}}
+
+
+def encode(bridges, j: int, h_BxLxDd: jax.Array, bcfg: BridgeConfig) -> jax.Array:
+  x_BxLxDs = h_BxLxDd @ bridges["enc"]["w"][j] + bridges["enc"]["b"][j]
+  return model_lib.abs_topk(x_BxLxDs, max(1, int(bcfg.enc_afrac * x_BxLxDs.shape[-1])))
+
+
+def decode(bridges, j: int, h_BxLxDs: jax.Array) -> jax.Array:
+  return h_BxLxDs @ bridges["dec"]["w"][j] + bridges["dec"]["b"][j]
+
+
+def residuals(params, tokens_BxL: jax.Array, cfg: ModelConfig):
+  """([h_j for every sublayer j], logits_BxLxV): the pre-norm residuals and the output."""
+  x_BxLxD, hs = model_lib.embed(params, tokens_BxL, cfg), []
+  for j in range(model_lib.n_sublayers(cfg)):
+    hs.append(x_BxLxD)
+    x_BxLxD = model_lib.run_sublayers(params, x_BxLxD, cfg, j, j + 1)
+  return hs, model_lib.unembed(params, x_BxLxD, tokens_BxL, cfg)
+
+
+def run_from(params, h_BxLxD: jax.Array, j: int, tokens_BxL: jax.Array, cfg: ModelConfig):
+  """Logits of the model run from sublayer j on the residual h."""
+  return model_lib.unembed(params, model_lib.run_sublayers(params, h_BxLxD, cfg, j), tokens_BxL,
+                           cfg)
+
+
+def nmse(pred_BxLxD: jax.Array, target_BxLxD: jax.Array, norm: str) -> jax.Array:
+  err_BxL = jnp.sum((pred_BxLxD - target_BxLxD) ** 2, axis=-1)
+  if norm == "token":
+    den_BxL = jnp.sum(target_BxLxD**2, axis=-1)
+    return jnp.mean(err_BxL / jax.lax.stop_gradient(den_BxL + 1e-12))
+  den = jnp.sum(jnp.var(target_BxLxD, axis=(0, 1)))
+  return jnp.mean(err_BxL) / jax.lax.stop_gradient(den + 1e-12)
+
+
+def kl(logp_ref_BxLxV: jax.Array, logits_BxLxV: jax.Array) -> jax.Array:
+  """Mean over tokens of KL(ref || softmax(logits)), nats."""
+  logq_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+  return jnp.mean(jnp.sum(jnp.exp(logp_ref_BxLxV) * (logp_ref_BxLxV - logq_BxLxV), axis=-1))
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1))
+
+
+def bridge_loss(params, dense_params, batch_BxL1: jax.Array, sparse: ModelConfig,
+                dense: ModelConfig, bcfg: BridgeConfig) -> tuple[jax.Array, dict[str, Any]]:
+  """(total loss, metrics): every term of the module docstring, per sublayer and summed.
+
+  Metrics: ce_sparse, ce_dense, kl_full, and per sublayer "bridge/SITE/{nmse_enc, nmse_dec,
+  kl_ds, kl_sd, ce_ds, ce_sd}" (ce_ds: the hybrid dense up to SITE, sparse after; ce_sd: the
+  reverse), plus the summed terms nmse, kl_ds, kl_sd.
+  """
+  tokens_BxL, targets_BxL = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
+  dense_params = jax.lax.stop_gradient(dense_params)  # frozen
+  hd, logits_d = residuals(dense_params, tokens_BxL, dense)
+  hs, logits_s = residuals(params, tokens_BxL, sparse)
+  logp_d = jax.nn.log_softmax(logits_d, axis=-1)
+  m = {"ce_sparse": cross_entropy(logits_s, targets_BxL),
+       "ce_dense": cross_entropy(logits_d, targets_BxL), "kl_full": kl(logp_d, logits_s)}
+  sums = {"nmse": 0.0, "kl_ds": 0.0, "kl_sd": 0.0}
+  for j in range(model_lib.n_sublayers(sparse)):
+    enc, dec = encode(params["bridges"], j, hd[j], bcfg), decode(params["bridges"], j, hs[j])
+    logits_ds = run_from(params, enc, j, tokens_BxL, sparse)
+    logits_sd = run_from(dense_params, dec, j, tokens_BxL, dense)
+    site = {"nmse_enc": nmse(enc, hs[j], bcfg.nmse_norm),
+            "nmse_dec": nmse(dec, hd[j], bcfg.nmse_norm),
+            "kl_ds": kl(logp_d, logits_ds), "kl_sd": kl(logp_d, logits_sd),
+            "ce_ds": cross_entropy(logits_ds, targets_BxL),
+            "ce_sd": cross_entropy(logits_sd, targets_BxL)}
+    m.update({f"bridge/{site_name(j)}/{k}": v for k, v in site.items()})
+    sums["nmse"] += site["nmse_enc"] + site["nmse_dec"]
+    sums["kl_ds"] += site["kl_ds"]
+    sums["kl_sd"] += site["kl_sd"]
+  m.update(sums)
+  loss = (bcfg.ce_coef * m["ce_sparse"] + bcfg.nmse_coef * sums["nmse"]
+          + bcfg.kl_ds_coef * sums["kl_ds"] + bcfg.kl_sd_coef * sums["kl_sd"]
+          + bcfg.kl_full_coef * m["kl_full"])
+  return loss, m
+
+
+def objective(cfg: Config, dense: ModelConfig, dense_params, bcfg: BridgeConfig
+              ) -> train_lib.Objective:
+  """What `train.train` optimises for a bridge run: cfg's sparse model plus the bridges.
+
+  The sparse model starts exactly as a plain run of cfg would (same key); the bridges use a
+  key folded from it.
+  """
+  check_pair(dense, cfg.model)
+
+  def init_params(key):
+    params = model_lib.init_params(cfg.model, key)
+    params["bridges"] = init_bridges(dense, cfg.model, bcfg, jax.random.fold_in(key, 1))
+    return params
+
+  def loss_fn(params, frozen, batch_BxL1):
+    return bridge_loss(params, frozen, batch_BxL1, cfg.model, dense, bcfg)
+
+  return train_lib.Objective(init_params, loss_fn, frozen=dense_params)
+
+
+def evaluate(params, dense_params, batches, sparse: ModelConfig, dense: ModelConfig,
+             bcfg: BridgeConfig) -> dict[str, float]:
+  """Every `bridge_loss` metric (and "loss"), averaged over batches_Bx(L+1)."""
+  fn = jax.jit(lambda p, d, b: bridge_loss(p, d, b, sparse, dense, bcfg))
+  rows = []
+  for batch in batches:
+    loss, m = fn(params, dense_params, jnp.asarray(batch))
+    rows.append({"loss": float(loss), **{k: float(v) for k, v in m.items()}})
+  return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+# --- steering (Fig 9) ---
+
+
+def parse_channel(text: str, cfg: ModelConfig) -> tuple[int, int]:
+  """'LAYER.SITE.CHANNEL' (SITE attn or mlp: that sublayer's residual read) -> (j, channel)."""
+  parts = text.split(".")
+  if len(parts) != 3 or parts[1] not in ("attn", "mlp") or not parts[0].isdigit() \
+      or not parts[2].isdigit():
+    raise ValueError(f"--channel {text!r}: expected LAYER.SITE.CHANNEL with SITE attn or mlp, "
+                     "e.g. 1.attn.37")
+  layer, channel = int(parts[0]), int(parts[2])
+  if layer >= cfg.n_layer or channel >= cfg.d_model:
+    raise ValueError(f"--channel {text!r}: the sparse model has {cfg.n_layer} layers and "
+                     f"{cfg.d_model} residual channels")
+  return 2 * layer + (parts[1] == "mlp"), channel
+
+
+def read_site(j: int) -> str:
+  """The node site of sublayer j's residual read (post-RMSNorm)."""
+  return f"{site_name(j)}.act_in"
+
+
+def mean_rms(params, batches, cfg: ModelConfig, j: int) -> float:
+  """Mean over tokens of the RMS of the pre-norm residual at sublayer j."""
+  fn = jax.jit(lambda p, t: jnp.mean(jnp.sqrt(jnp.mean(
+      model_lib.run_sublayers(p, model_lib.embed(p, t, cfg), cfg, 0, j) ** 2, axis=-1))))
+  return float(np.mean([float(fn(params, jnp.asarray(b))) for b in batches]))
+
+
+def steering_direction(params, sparse: ModelConfig, presented_BxL: jax.Array,
+                       counterfactual_BxL: jax.Array, j: int, channel: int,
+                       scale: float) -> jax.Array:
+  """add_BxLxDd at strength 1: scale * (act_cf - act_presented)[..., None] * dec_w[j, c]."""
+  site = read_site(j)
+  _, a = model_lib.forward(params, presented_BxL, sparse, capture=(site,))
+  _, b = model_lib.forward(params, counterfactual_BxL, sparse, capture=(site,))
+  delta_BxL = b[site][..., channel] - a[site][..., channel]
+  return scale * delta_BxL[..., None] * params["bridges"]["dec"]["w"][j, channel]
+
+
+def steered_logits(dense_params, dense: ModelConfig, tokens_BxL: jax.Array, j: int,
+                   add_BxLxD: jax.Array, strength, positions_B: jax.Array) -> jax.Array:
+  """The dense model's logits_BxV at positions_B with strength * add added at sublayer j."""
+  x_BxLxD = model_lib.run_sublayers(dense_params, model_lib.embed(dense_params, tokens_BxL, dense),
+                                    dense, 0, j)
+  x_BxLxD = model_lib.run_sublayers(dense_params, x_BxLxD + strength * add_BxLxD, dense, j)
+  rows_B = jnp.arange(tokens_BxL.shape[0])
+  return model_lib.unembed(dense_params, x_BxLxD[rows_B, positions_B],
+                           tokens_BxL[rows_B, positions_B], dense)

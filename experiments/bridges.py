@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from experiments import presets
 from sparse_jax import bridges
 from sparse_jax import checkpoint as ckpt_lib
@@ -262,41 +262,37 @@ def _plot(out: dict, path: Path) -> None:
   plt.close(fig)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, help="bridge run directory")
-  try:
-    if argv[:1] == ["steer"]:
-      parser.add_argument("--task", default="single_double_quote")
-      parser.add_argument("--channel", default=None, help="LAYER.SITE.CHANNEL, e.g. 1.attn.37")
-      parser.add_argument("--pairs", type=int, default=64)
-      parser.add_argument("--strengths", type=int, default=11)
-      args = parser.parse_args(argv[1:])
-      out = steer(args.workdir, args.task, args.channel, n_pairs=args.pairs,
-                  n_strengths=args.strengths)
-      print(json.dumps({k: out[k] for k in ("channel", "pairs", "tok", "alt")}))
-      for r in out["curve"]:
-        print(f"strength {r['strength']:.2f}  P(tok) {r['p_tok']:.4f}  P(alt) {r['p_alt']:.4f}")
-      return 0
-    parser.add_argument("--dense", required=True, help="the trained dense run directory")
-    parser.add_argument("--preset", default=None, choices=presets.PRESETS,
-                        help="sparse model config (default: the dense run's, sparsity on)")
-    parser.add_argument("--dense-step", type=int, default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    out = train_bridges(args.dense, args.workdir, preset=args.preset, overrides=args.overrides,
-                        dense_step=args.dense_step, progress=not args.no_progress)
-    print(format_table(out["metrics"], ckpt_lib.load_config(args.workdir).model.n_layer))
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if argv[:1] == ["steer"]:
+    parser.add_argument("--task", default="single_double_quote")
+    parser.add_argument("--channel", default=None, help="LAYER.SITE.CHANNEL, e.g. 1.attn.37")
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--strengths", type=int, default=11)
+    args = parser.parse_args(argv[1:])
+    out = steer(args.workdir, args.task, args.channel, n_pairs=args.pairs,
+                n_strengths=args.strengths)
+    print(json.dumps({k: out[k] for k in ("channel", "pairs", "tok", "alt")}))
+    for r in out["curve"]:
+      print(f"strength {r['strength']:.2f}  P(tok) {r['p_tok']:.4f}  P(alt) {r['p_alt']:.4f}")
+    return 0
+  parser.add_argument("--dense", required=True, help="the trained dense run directory")
+  parser.add_argument("--preset", default=None, choices=presets.PRESETS,
+                      help="sparse model config (default: the dense run's, sparsity on)")
+  parser.add_argument("--dense-step", type=int, default=None)
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="SECTION.FIELD=VALUE")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  out = train_bridges(args.dense, args.workdir, preset=args.preset, overrides=args.overrides,
+                      dense_step=args.dense_step, progress=not args.no_progress)
+  print(format_table(out["metrics"], ckpt_lib.load_config(args.workdir).model.n_layer))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

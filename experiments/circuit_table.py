@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from experiments import cli
 from sparse_jax import sweep as sweep_lib
 from sparse_jax.circuits import file_stem
 
@@ -40,6 +40,7 @@ def without_qk(row: dict) -> dict | None:
   return {**row, "name": row["name"] + " (q-k pairs out)", "size_vs_target": curves}
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,11 +48,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--targets", default="0.15,0.075", help="comma-separated targets")
   args = parser.parse_args(argv)
   targets = [float(t) for t in args.targets.split(",") if t]
-  try:
-    rows = [load(Path(d)) for d in args.dirs]
-  except (FileNotFoundError, json.JSONDecodeError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  rows = [load(Path(d)) for d in args.dirs]
   loaded, rows = rows, [r for row in rows for r in (row, without_qk(row)) if r is not None]
   print("| circuits | target | paper tasks solved | geomean edges (solved) | induction edges |")
   print("|---|---|---|---|---|")
@@ -76,4 +73,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -11,6 +11,7 @@ main(argv) in-process, as the tests do, leaves the host's logging alone.)
 from __future__ import annotations
 
 import functools
+import os
 import logging
 import sys
 from typing import Callable
@@ -60,4 +61,12 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
 def run(main: Callable[..., int]) -> None:
   """The `__main__` entry point of a CLI: shows the project's logs, runs main, exits."""
   setup_logging()
-  sys.exit(main())
+  code = main()
+  if code == 130:
+    # Interrupted: the run already stopped cleanly (checkpoints closed, nothing half-written).
+    # Skip the interpreter's teardown, where an interrupted library thread (orbax's asyncio
+    # loop) can print "Event loop is closed" tracebacks after the one error line.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)

@@ -24,12 +24,12 @@ import dataclasses
 import importlib
 import json
 import logging
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from experiments import cli
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import circuits as circuits_lib
 from sparse_jax import data as data_lib
@@ -122,6 +122,7 @@ def explore_run(workdir, *, circuits_dir=None, out=None, step=None, text_rows: i
   return {r["task"]: r for r in rows}
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,16 +138,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--explainer", default=None, metavar="MODULE:NAME",
                       help="another explainer (default: the offline feature explainer)")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  try:
-    if args.text_rows < 2:
-      raise ValueError(f"--text-rows must be >= 2 (half choose, half score), got {args.text_rows}")
-    rows = explore_run(args.workdir, circuits_dir=args.circuits, out=args.out, step=args.step,
-                       text_rows=args.text_rows, min_score=args.min_score,
-                       explainer=_explainer(args.explainer))
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if args.text_rows < 2:
+    raise ValueError(f"--text-rows must be >= 2 (half choose, half score), got {args.text_rows}")
+  rows = explore_run(args.workdir, circuits_dir=args.circuits, out=args.out, step=args.step,
+                     text_rows=args.text_rows, min_score=args.min_score,
+                     explainer=_explainer(args.explainer))
   print(f"{'task':28s} {'nodes':>6s} {'explained':>9s} {'mean r':>7s}")
   for task, r in rows.items():
     if r.get("href"):
@@ -157,4 +153,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

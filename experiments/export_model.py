@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from experiments import cli
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import data as data_lib
 from sparse_jax import interop
@@ -30,6 +30,7 @@ def export_model(workdir: str | Path, out: str | Path, *, step: int | None = Non
   return out
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,14 +38,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="directory to write the model into")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   args = parser.parse_args(argv)
-  try:
-    out = export_model(args.workdir, args.out, step=args.step)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  out = export_model(args.workdir, args.out, step=args.step)
   print(f"wrote {out / interop.CONFIG_FILE} and {out / interop.WEIGHTS_FILE}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -15,9 +15,9 @@ No torch is needed.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from experiments import cli
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import data as data_lib
 from sparse_jax import fileio
@@ -61,6 +61,7 @@ def import_model(src: str | Path, workdir: str | Path, *,
   return cfg
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,11 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                            "file, or an HF tokenizer.json")
   parser.add_argument("--workdir", required=True, help="new run directory to create")
   args = parser.parse_args(argv)
-  try:
-    cfg = import_model(args.src, args.workdir, tokenizer=args.tokenizer)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  cfg = import_model(args.src, args.workdir, tokenizer=args.tokenizer)
   m = cfg.model
   print(f"imported {args.src} -> {args.workdir}: {m.n_layer} layers, d_model {m.d_model}, "
         f"vocab {m.vocab_size}, afrac {m.afrac}, sink {m.sink}"
@@ -84,4 +81,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

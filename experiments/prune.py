@@ -56,8 +56,13 @@ def find_at_step(workdir: str | Path, *, task_names: list[str] | None, circuit_c
 
 
 def task_list(spec: str) -> list[str] | None:
-  """"a,b" -> ["a", "b"]; "all" -> None (every task)."""
-  return None if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+  """"a,b" -> ["a", "b"]; "all" -> None (every task); a list of no names is an error."""
+  if spec == "all":
+    return None
+  names = [t.strip() for t in spec.split(",") if t.strip()]
+  if not names:
+    raise ValueError(f"--tasks {spec!r}: no task names; give a comma-separated list or all")
+  return names
 
 
 def prune(workdir: str | Path, *, task_names: list[str] | None = None,
@@ -114,10 +119,7 @@ def circuit_args(args: argparse.Namespace, workdir: str | Path
   ccfg = apply_overrides(ckpt_lib.load_config(workdir), args.overrides).circuit
   if args.target_loss is not None:
     ccfg = dataclasses.replace(ccfg, target_loss=args.target_loss)
-  names = task_list(args.tasks)
-  if names == []:
-    raise ValueError(f"--tasks {args.tasks!r}: no task names; give a comma-separated list or all")
-  return ccfg, names
+  return ccfg, task_list(args.tasks)
 
 
 @cli.command
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   args = parser.parse_args(argv)
   # Every argument is checked before the checkpoint is even read.
+  task_list(args.tasks)
   if args.target_loss is not None and not (math.isfinite(args.target_loss)
                                            and args.target_loss > 0):
     raise ValueError(f"--target-loss: must be a finite loss > 0, got {args.target_loss}")

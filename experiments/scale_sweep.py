@@ -227,8 +227,6 @@ def main(argv: list[str] | None = None) -> int:
   if args.only is not None and not 0 <= args.only < len(points):
     raise ValueError(f"--only {args.only}: the grid has points 0..{len(points) - 1}")
   tasks = prune_lib.task_list(args.tasks)
-  if tasks == []:
-    raise ValueError(f"--tasks {args.tasks!r}: no task names; give a comma-separated list or all")
   fileio.check_writable_dir(out, "--out")  # before hours of training, not after
   if args.distributed:
     jax.distributed.initialize()

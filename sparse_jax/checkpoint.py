@@ -281,13 +281,6 @@ def _check_finite(state: Any, step: int) -> None:
       raise ValueError(f"non-finite values in {jax.tree_util.keystr(path)} at step {step}")
 
 
-def checkpoint_steps(workdir: str | Path) -> list[int]:
-  """The steps of a run's finished checkpoints, ascending (orbax skips unfinished ones)."""
-  if not (Path(workdir) / CKPT_DIR).is_dir():
-    raise FileNotFoundError(f"{workdir}: no {CKPT_DIR}/ directory; is this a training run?")
-  return sorted(ocp.CheckpointManager(Path(workdir).absolute() / CKPT_DIR).all_steps())
-
-
 def load_params(workdir: str | Path, step: int | None = None) -> tuple[Config, Any, int]:
   """(config, params, step) of a run's latest good (or given) checkpoint, without optimiser."""
   from sparse_jax import model as model_lib  # local: keeps this module light to import

@@ -159,10 +159,12 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
   full_select = ev.scores("select", every, full, ab_Cx2=_identity(T)).loss
   full_test = ev.scores("test", every, full, ab_Cx2=_identity(T)).loss
   empty_test = ev.scores("test", every, none, ab_Cx2=_identity(T)).loss
+  empty_select = ev.scores("select", every, none, ab_Cx2=_identity(T)).loss
   seen_T = seen_in_selection(select, test)
   out = [Circuit(name, target, bool(full_select[t] <= target), "", float(full_test[t]),
                  float(empty_test[t]), settings=settings,
                  search={"loss_full_select": float(full_select[t]),
+                         "loss_empty_select": float(empty_select[t]),
                          "test_pairs_seen_in_selection": int(seen_T[t])})
          for t, name in enumerate(taskset.names)]
   for c in out:

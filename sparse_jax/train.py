@@ -117,7 +117,10 @@ def abstract_state(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh,
 
 def make_train_step(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh,
                     objective: Objective | None = None):
-  """The jitted step: (state, batch_Bx(L+1), frozen) -> (state, metrics), state donated."""
+  """The jitted step: (state, batch_Bx(L+1), frozen=None) -> (state, metrics), state donated.
+
+  frozen is the objective's untrained input (None for the plain language model).
+  """
   objective = objective or lm_objective(cfg)
   replicated = NamedSharding(mesh, P())
 
@@ -128,8 +131,9 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation, mesh: Mesh,
     params = optax.apply_updates(state.params, updates)
     return TrainState(state.step + 1, params, opt_state), {"loss": loss, **aux}
 
-  return jax.jit(step, in_shardings=(replicated, NamedSharding(mesh, P("data")), replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  jitted = jax.jit(step, in_shardings=(replicated, NamedSharding(mesh, P("data")), replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+  return lambda state, batch_BxL1, frozen=None: jitted(state, batch_BxL1, frozen)
 
 
 def shard_batch(batch_BxL1: np.ndarray, mesh: Mesh) -> jax.Array:

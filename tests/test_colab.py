@@ -99,7 +99,7 @@ batch = np.random.default_rng(0).integers(0, cfg.model.vocab_size,
 sharded = train_lib.shard_batch(batch, mesh)
 print("SHARDS", sorted({s.data.shape for s in sharded.addressable_shards}),
       len(sharded.addressable_shards))
-state, metrics = train_lib.make_train_step(cfg, opt, mesh)(state, sharded)
+state, metrics = train_lib.make_train_step(cfg, opt, mesh)(state, sharded)  # frozen: None
 print("STEP", int(state.step), float(metrics["loss"]))
 """
 

@@ -152,7 +152,7 @@ def task_series(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
           "reason": "" if met else (c.reason or "no circuit meets the target"),
           "n_nodes": c.n_nodes if met else None, "empty": met and c.n_nodes == 0,
           "edges": c.edges.get("total") if met and c.edges else None,
-          "loss_circuit": _rounded(c.loss_before) if met else None,
+          "loss_circuit": _rounded(c.loss_after) if met else None,  # calibrated, as scored
           "jaccard_next": (jaccard(c.nodes, nxt.nodes)
                            if met and nxt is not None and is_met(nxt) else None),
           "jaccard_final": (jaccard(c.nodes, fin.nodes)
@@ -179,7 +179,7 @@ def plot_dynamics(series: Mapping[str, Mapping[str, Any]], path: str, *, title: 
     ax = axes[row, 0]
     ax.plot(steps, [p["loss_full"] for p in pts], "o-", label="full model")
     ax.plot([p["step"] for p in met], [p["loss_circuit"] for p in met], "s--",
-            label="circuit only (others mean-ablated)")
+            label="circuit only, calibrated (others mean-ablated)")
     ax.axhline(s["target"], color="grey", ls=":", label=f"target {s['target']}")
     ax.set_ylabel("held-out task loss (nats)")
     ax.set_title(f"{task}: task loss", fontsize=10)

@@ -1,7 +1,7 @@
 """The main job: capability vs interpretability of sparse and dense models (PAPER.md §6).
 
   python -m experiments.scale_sweep [--preset cpu] [--out DIR] [--list] [--only I]
-                                    [--collect] [--tasks a,b|all]
+                                    [--collect [--match]] [--tasks a,b|all]
                                     [--set section.field=value ...]
 
 Trains every grid point (widths x L0 targets, plus a dense model per width), finds a circuit
@@ -12,6 +12,12 @@ Fig 2) and report.md. Each point is an ordinary train + prune workdir under OUT/
 so rerunning skips finished points and finishes partial ones; `--only I` runs one point
 (array jobs, pod slices), `--collect` only aggregates what exists. The same steps are
 importable (`make_sweep`, `run_sweep`, `collect`) for notebooks/colab_tpu.ipynb.
+
+Loss matching: with the sweep's `dense_ckpt_every`, dense points keep a checkpoint every N
+steps, and once every point is finished the sweep prunes the dense checkpoints whose
+validation loss brackets each sparse model's (for the tasks that sparse model solves), so a
+sparse model is compared with a dense one at its own loss, and interpolated between the two
+(`sweep.interpolate`). Array jobs run `--collect --match` after their last point.
 """
 
 from __future__ import annotations
@@ -48,14 +54,20 @@ def _training_done(workdir: Path, steps: int) -> bool:
   return (workdir / ckpt_lib.CKPT_DIR / str(steps)).is_dir()
 
 
-def _pruning_done(workdir: Path, circuit_cfg, tasks: list[str] | None = None) -> bool:
-  """Whether circuits exist for this circuit config and task list (None: all tasks)."""
-  path = workdir / "circuits" / "summary.json"
+def _pruning_done(circuits_dir: Path, circuit_cfg, tasks: list[str] | None = None) -> bool:
+  """Whether circuits exist in circuits_dir for this circuit config and task list (None:
+  all tasks)."""
+  path = circuits_dir / "summary.json"
   if not path.exists():
     return False
   summary = fileio.read_json(path, _REDO)
   return (summary.get("circuit_config") == json.loads(json.dumps(dataclasses.asdict(circuit_cfg)))
           and summary.get("requested_tasks") == tasks)
+
+
+def _ckpt_circuits(workdir: Path, step: int) -> Path:
+  """Where a loss-matched dense checkpoint's circuits go (the final model's: circuits/)."""
+  return workdir / f"circuits_step{step}"
 
 
 def run_point(point: sweep_lib.Point, out: Path, *, tasks: list[str] | None = None,
@@ -71,7 +83,7 @@ def run_point(point: sweep_lib.Point, out: Path, *, tasks: list[str] | None = No
     timing["train_s"] = timing.get("train_s", 0.0) + time.perf_counter() - t0
   else:
     ckpt_lib.check_or_write_config(workdir, point.config)  # refuses a changed sweep config
-  if not _pruning_done(workdir, point.config.circuit, tasks):
+  if not _pruning_done(workdir / "circuits", point.config.circuit, tasks):
     t0 = time.perf_counter()
     prune_lib.prune(workdir, task_names=tasks, circuit_cfg=point.config.circuit,
                     progress=progress)
@@ -80,26 +92,35 @@ def run_point(point: sweep_lib.Point, out: Path, *, tasks: list[str] | None = No
     fileio.atomic_write_text(timing_path, json.dumps(timing))
 
 
-def point_row(point: sweep_lib.Point, out: Path, tasks: list[str] | None = None) -> dict | None:
-  """The results row of a finished point, or None if it is not finished."""
+def point_row(point: sweep_lib.Point, out: Path, tasks: list[str] | None = None,
+              step: int | None = None) -> dict | None:
+  """The results row of a finished point, or None if it is not finished. With `step`, the
+  row of that pruned checkpoint of a dense point (a loss-matched point; `match_dense`)."""
   workdir = out / "points" / point.name
-  if not (_training_done(workdir, point.config.train.steps)
-          and _pruning_done(workdir, point.config.circuit, tasks)):
+  circuits_dir = workdir / "circuits" if step is None else _ckpt_circuits(workdir, step)
+  if step is None and not (_training_done(workdir, point.config.train.steps)
+                           and _pruning_done(circuits_dir, point.config.circuit, tasks)):
     return None
-  cfg, params, _ = ckpt_lib.load_params(workdir)
+  if step is not None and not (circuits_dir / "summary.json").exists():
+    return None
+  cfg, params, at = ckpt_lib.load_params(workdir, step)
   specs = sparsity.leaf_specs(params, dataclasses.replace(cfg.sparsity, enabled=True))
   stats = sparsity.l0_stats(params, specs)
   l0 = sum(v for k, v in stats.items() if k.startswith("sparsity/l0/"))
-  val = [r["val/loss"] for r in train_lib.read_metrics(workdir) if "val/loss" in r]
-  summary = fileio.read_json(workdir / "circuits" / "summary.json", _REDO)
+  # A checkpoint row's loss is the validation at that very step (dense_ckpt_every aligns them).
+  val = [r["val/loss"] for r in train_lib.read_metrics(workdir)
+         if "val/loss" in r and (r["step"] <= at if step is None else r["step"] == at)]
+  summary = fileio.read_json(circuits_dir / "summary.json", _REDO)
   solved = {t: s for t, s in summary["tasks"].items() if s["solvable"]}
   curves = {}
   for task in summary["tasks"]:
-    rec = fileio.read_json(workdir / "circuits" / f"{file_stem(task)}.json", _REDO)
+    rec = fileio.read_json(circuits_dir / f"{file_stem(task)}.json", _REDO)
     curves[task] = rec.get("search", {}).get("by_target", [])
   timing_path = workdir / "timing.json"
+  timing = fileio.read_json(timing_path, _REDO) if timing_path.exists() else {}
   return {
-      "name": point.name, "width": point.width, "n_layer": cfg.model.n_layer,
+      "name": point.name if step is None else f"{point.name}@{at}", "run": point.name,
+      "step": at, "width": point.width, "n_layer": cfg.model.n_layer,
       "l0_target": point.l0_target, "total_params": int(sum(x.size for x in
                                                             jax.tree.leaves(params))),
       "sparsifiable_params": int(sum(s.numel for s in specs.values() if s.sparsified)),
@@ -111,7 +132,65 @@ def point_row(point: sweep_lib.Point, out: Path, tasks: list[str] | None = None)
       "task_nodes": {t: s["n_nodes"] for t, s in solved.items()},
       "task_loss_full": {t: s["loss_full"] for t, s in summary["tasks"].items()},
       "size_vs_target": curves, "unavailable": summary["unavailable"],
-      "timing": fileio.read_json(timing_path, _REDO) if timing_path.exists() else {}}
+      "timing": timing if step is None else {"prune_s": timing.get(f"prune_step{at}_s")}}
+
+
+def _val_curve(workdir: Path) -> list[tuple[int, float]]:
+  """[(step, validation loss)] at the run's kept checkpoints."""
+  kept = set(ckpt_lib.checkpoint_steps(workdir))
+  return [(r["step"], r["val/loss"]) for r in train_lib.read_metrics(workdir)
+          if "val/loss" in r and r["step"] in kept]
+
+
+def _solved_tasks(row: dict) -> set[str]:
+  """The tasks a model solves at some target (their circuits are worth comparing)."""
+  return {t for t, curve in row["size_vs_target"].items()
+          if any(p.get("meets_target_test", True) for p in curve)}
+
+
+def match_dense(sweep: sweep_lib.SweepConfig, out: Path, *, tasks: list[str] | None = None,
+                progress: bool = True) -> None:
+  """Prunes, in every finished dense point that kept checkpoints along training, the
+  checkpoints whose validation loss brackets a finished sparse model's, for the tasks that
+  sparse model solves (only those enter its ratio). Finished ones are skipped."""
+  if sweep.dense_ckpt_every is None:
+    return
+  points = sweep_lib.grid(sweep)
+  sparse = [r for r in (point_row(p, out, tasks) for p in points if p.l0_target is not None)
+            if r is not None]
+  for p in (p for p in points if p.l0_target is None):
+    workdir = out / "points" / p.name
+    if not _training_done(workdir, p.config.train.steps):
+      continue
+    wanted: dict[int, set[str]] = {}
+    for s in sparse:
+      for step in sweep_lib.bracketing_steps(_val_curve(workdir), s["val_loss"]):
+        if step != p.config.train.steps:  # the final model is pruned already
+          wanted.setdefault(step, set()).update(_solved_tasks(s))
+    for step, names in sorted(wanted.items()):
+      names = sorted(names)
+      circuits_dir = _ckpt_circuits(workdir, step)
+      if not names or _pruning_done(circuits_dir, p.config.circuit, names):
+        continue
+      log.info("loss-matched checkpoint %s@%d: %s", p.name, step, ", ".join(names))
+      t0 = time.perf_counter()
+      prune_lib.prune(workdir, task_names=names, circuit_cfg=p.config.circuit,
+                      out=circuits_dir, step=step, progress=progress)
+      timing_path = workdir / "timing.json"
+      timing = fileio.read_json(timing_path, _REDO) if timing_path.exists() else {}
+      timing[f"prune_step{step}_s"] = time.perf_counter() - t0
+      fileio.atomic_write_text(timing_path, json.dumps(timing))
+
+
+def checkpoint_rows(sweep: sweep_lib.SweepConfig, out: Path) -> list[dict]:
+  """The rows of every pruned loss-matched dense checkpoint."""
+  rows = []
+  for p in (p for p in sweep_lib.grid(sweep) if p.l0_target is None):
+    workdir = out / "points" / p.name
+    steps = sorted(int(d.name.removeprefix("circuits_step"))
+                   for d in workdir.glob("circuits_step*") if d.name[13:].isdigit())
+    rows += [r for r in (point_row(p, out, step=s) for s in steps) if r is not None]
+  return rows
 
 
 def make_sweep(preset: str, overrides: list[str] = (), *, widths: tuple[int, ...] | None = None,
@@ -139,7 +218,8 @@ def describe_grid(sweep: sweep_lib.SweepConfig) -> str:
 
 def run_sweep(sweep: sweep_lib.SweepConfig, out: str | Path, *, only: int | None = None,
               tasks: list[str] | None = None, progress: bool = True) -> None:
-  """Trains and prunes every point (or point `only`), skipping what is already finished."""
+  """Trains and prunes every point (or point `only`), skipping what is already finished;
+  after all points, prunes the loss-matched dense checkpoints (`match_dense`)."""
   points = sweep_lib.grid(sweep)
   if only is not None and not 0 <= only < len(points):
     raise ValueError(f"--only {only}: the grid has points 0..{len(points) - 1}")
@@ -147,6 +227,8 @@ def run_sweep(sweep: sweep_lib.SweepConfig, out: str | Path, *, only: int | None
   for i, p in enumerate(todo):
     log.info("sweep point %d/%d: %s", i + 1, len(todo), p.name)
     run_point(p, Path(out), tasks=tasks, progress=progress)
+  if only is None:  # needs every point: an array job runs --collect --match after its last
+    match_dense(sweep, Path(out), tasks=tasks, progress=progress)
 
 
 def collect(sweep: sweep_lib.SweepConfig, out: str | Path, *, command: str,
@@ -156,10 +238,13 @@ def collect(sweep: sweep_lib.SweepConfig, out: str | Path, *, command: str,
   points = sweep_lib.grid(sweep)
   rows = [r for r in (point_row(p, out, tasks) for p in points) if r is not None]
   missing = [p.name for p in points if not any(r["name"] == p.name for r in rows)]
+  # Pruned dense checkpoints enter the loss matching only: they were searched for the tasks
+  # of the sparse models they match, so the frontier and the model table leave them out.
+  ckpt_rows = checkpoint_rows(sweep, out)
   primary = sweep.base.circuit.target_loss
   targets = sorted(set(sweep_lib.targets_of(rows)) | {primary})
   frontiers = {t: sweep_lib.frontier(rows, t) for t in targets}
-  pairs = {t: sweep_lib.matched_pairs(rows, t) for t in targets}
+  pairs = {t: sweep_lib.matched_pairs(rows + ckpt_rows, t) for t in targets}
   for r in rows:
     r["geomean_edges"] = frontiers[primary][1][r["name"]]
     r["geomean_tasks"] = len(frontiers[primary][0])
@@ -172,11 +257,13 @@ def collect(sweep: sweep_lib.SweepConfig, out: str | Path, *, command: str,
              "paper_tasks": list(sweep_lib.PAPER_TASKS),
              "control_tasks": list(sweep_lib.CONTROL_TASKS),
              "shared_tasks": {str(t): f[0] for t, f in frontiers.items()},
-             "matched_pairs": {str(t): p for t, p in pairs.items()}, "missing_points": missing}
+             "matched_pairs": {str(t): p for t, p in pairs.items()}, "missing_points": missing,
+             "checkpoint_rows": ckpt_rows}
   fileio.atomic_write_text(out / "results.json", json.dumps(results, indent=1))
   _write_csv(rows, targets, out / "results.csv")
-  sweep_report.write_figures(rows, frontiers, pairs, primary, out)
-  sweep_report.write_report(sweep, rows, frontiers, pairs, missing, out, command=command)
+  sweep_report.write_figures(rows, frontiers, pairs, primary, out, ckpt_rows)
+  sweep_report.write_report(sweep, rows, frontiers, pairs, missing, out, command=command,
+                            ckpt_rows=ckpt_rows)
   return results
 
 
@@ -210,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--list", action="store_true", help="print the grid points and exit")
   parser.add_argument("--only", type=int, default=None, metavar="I", help="run point I only")
   parser.add_argument("--collect", action="store_true", help="only aggregate finished points")
+  parser.add_argument("--match", action="store_true",
+                      help="with --collect: first prune the loss-matched dense checkpoints")
   parser.add_argument("--tasks", default="all",
                       help="comma-separated task names to find circuits for, or all")
   parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -232,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     jax.distributed.initialize()
   if not args.collect:
     run_sweep(sweep, out, only=args.only, tasks=tasks, progress=not args.no_progress)
+  elif args.match:
+    match_dense(sweep, out, tasks=tasks, progress=not args.no_progress)
   command = "python -m experiments.scale_sweep " + " ".join(argv if argv is not None
                                                              else sys.argv[1:])
   results = collect(sweep, out, command=command.strip(), tasks=tasks)

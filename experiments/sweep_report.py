@@ -23,12 +23,12 @@ def size_vs_target(row: dict, other: dict) -> list[tuple[float, float, int]]:
 
 
 def write_figures(rows: list[dict], frontiers: dict, pairs: dict, primary: float,
-                  out: Path) -> None:
+                  out: Path, ckpt_rows: list[dict] = ()) -> None:
   viz.plot_frontier(rows, {t: f[1] for t, f in frontiers.items()},
                     {t: len(f[0]) for t, f in frontiers.items()}, str(out / "frontier.png"))
   if pairs.get(primary):
     best = pairs[primary][0]  # the matching (by validation loss) is the same at every target
-    by_name = {r["name"]: r for r in rows}
+    by_name = {r["name"]: r for r in list(rows) + list(ckpt_rows)}
     s, d = by_name[best["sparse"]], by_name[best["dense"]]
     viz.plot_size_vs_target(
         {f"sparse {s['name']} (val {s['val_loss']:.3f})": size_vs_target(s, d),
@@ -67,7 +67,7 @@ def headline(pairs: dict, primary: float) -> dict | None:
 
 
 def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing: list[str],
-                 out: Path, *, command: str) -> None:
+                 out: Path, *, command: str, ckpt_rows: list[dict] = ()) -> None:
   base, primary = sweep.base, sweep.base.circuit.target_loss
   targets = sorted(frontiers)
   mixture = ", ".join(base.data.mixture) or "none"
@@ -132,21 +132,34 @@ def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing:
         "ratio is the dense model's geometric-mean circuit edges over the sparse model's, over "
         "the paper tasks both solve at the target (their number is given; the failed columns "
         f"count the tasks of the {len(sweep_lib.PAPER_TASKS)} each model fails). The headline "
-        "is the closest-matched pair.", "",
+        "is the closest-matched pair. `name@step` is a checkpoint along a dense run, pruned "
+        "because its validation loss brackets a sparse model's (for that sparse model's "
+        "tasks only); `interpolated` is the dense run's geometric mean interpolated (log "
+        "edges linear in loss) between the two checkpoints bracketing the sparse loss, over "
+        "the tasks all three solve. Such a checkpoint is a dense model stopped early, at a "
+        "high learning rate, not a fully annealed one as in the paper's sweep.", "",
         "**Headline: dense/sparse circuit size = "
         f"{_fmt(best['ratio_dense_over_sparse'], '.1f')}x** ({best['dense']} vs "
         f"{best['sparse']}, val loss {best['val_loss_dense']:.3f} vs "
         f"{best['val_loss_sparse']:.3f}, over the {len(best['shared_tasks'])} tasks both "
         f"solve: {', '.join(best['shared_tasks'])}){at}.", "",
         "| target | sparse | dense | val loss gap | shared tasks | failed sparse | failed dense "
-        "| edges sparse | edges dense | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+        "| edges sparse | edges dense | ratio | interpolated ratio (tasks) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in targets:
       for p in pairs[t]:
+        interp = p.get("interpolated")
+        interp = (f"{interp['ratio_dense_over_sparse']:.1f} ({interp['n_shared']})"
+                  if interp else "-")
         lines.append(f"| {t} | {p['sparse']} | {p['dense']} | {p['loss_gap']:.3f} | "
                      f"{len(p['shared_tasks'])} | {p['n_failed_sparse']} | "
                      f"{p['n_failed_dense']} | {_fmt(p['geomean_edges_sparse'], '.0f')} | "
                      f"{_fmt(p['geomean_edges_dense'], '.0f')} | "
-                     f"{_fmt(p['ratio_dense_over_sparse'], '.1f')} |")
+                     f"{_fmt(p['ratio_dense_over_sparse'], '.1f')} | {interp} |")
+    if ckpt_rows:
+      lines += ["", "Loss-matched dense checkpoints: " + "; ".join(
+          f"{r['name']} (val {r['val_loss']:.3f}, {len(r['task_loss_full'])} tasks)"
+          for r in ckpt_rows)]
   tasks = sorted({t for r in rows for t in r["task_loss_full"]})
   lines += ["", f"## Per-task circuit edges at {primary} (in brackets: the full model "
             "misses the target, with its test loss; *: the circuit misses it on the test "
@@ -164,9 +177,11 @@ def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing:
               "; ".join(f"{k}: {v}" for k, v in unavailable.items())]
   lines += ["", "## Figures", "", "![frontier](frontier.png)", "",
             "![circuit size vs task loss](circuit_size_vs_task_loss.png)", "",
-            "## Time per point (seconds)", "", "| model | train | prune |", "|---|---|---|"]
+            "## Time per point (seconds)", "",
+            "| model | train | prune | prune loss-matched checkpoints |", "|---|---|---|---|"]
   for r in rows:
     t = r["timing"]
+    matched = sum(v for k, v in t.items() if k.startswith("prune_step"))
     lines.append(f"| {r['name']} | {_fmt(t.get('train_s'), '.0f')} | "
-                 f"{_fmt(t.get('prune_s'), '.0f')} |")
+                 f"{_fmt(t.get('prune_s'), '.0f')} | {_fmt(matched or None, '.0f')} |")
   fileio.atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

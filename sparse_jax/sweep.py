@@ -32,7 +32,7 @@ import numpy as np
 
 from sparse_jax import model as model_lib
 from sparse_jax import sparsity
-from sparse_jax.config import Config, SparsityConfig
+from sparse_jax.config import Config, SparsityConfig, TrainConfig
 from sparse_jax.task_generators import TASKS
 
 CONTROL_TASKS = ("induction",)  # controls: reported apart, in no geometric mean
@@ -48,6 +48,10 @@ class SweepConfig:
   l0_targets: tuple[int, ...]  # total nonzero sparsified params of each sparse model
   dense_baseline: bool = True  # one plain dense model per width (no AbsTopK either)
   base_width: int | None = None  # e = width / base_width; default: the smallest width
+  # Dense points keep a checkpoint, and validate, every N steps (None: final only). The
+  # sweep then also prunes the dense checkpoints whose validation loss brackets each sparse
+  # model's: loss-matched dense points along training (`bracketing_steps`).
+  dense_ckpt_every: int | None = None
 
   def __post_init__(self):
     if not self.widths:
@@ -62,6 +66,11 @@ class SweepConfig:
         raise ValueError(f"sweep.{name}: duplicate points {dup}")
       if any(not isinstance(v, int) or v <= 0 for v in values):
         raise ValueError(f"sweep.{name}: must be positive integers, got {values}")
+    every = self.dense_ckpt_every
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int)
+                              or not 0 < every < self.base.train.steps):
+      raise ValueError(f"sweep.dense_ckpt_every: must be None or an integer in "
+                       f"[1, train.steps={self.base.train.steps}), got {every!r}")
     d_head = self.base.model.d_head
     bad = [w for w in self.widths if w % d_head]
     if bad:
@@ -119,7 +128,8 @@ def grid(sweep: SweepConfig) -> list[Point]:
     if sweep.dense_baseline:
       # The paper's dense baselines are plain dense models: no AbsTopK either.
       dense = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, afrac=None),
-                                  sparsity=dataclasses.replace(cfg.sparsity, enabled=False))
+                                  sparsity=dataclasses.replace(cfg.sparsity, enabled=False),
+                                  train=_dense_train(cfg.train, sweep.dense_ckpt_every))
       points.append(Point(f"d{width}_dense", width, None, dense))
     n_mat, n_emb = param_groups(cfg)
     for l0 in sorted(sweep.l0_targets):
@@ -130,6 +140,25 @@ def grid(sweep: SweepConfig) -> list[Point]:
       points.append(Point(f"d{width}_l0_{l0}", width, l0,
                           dataclasses.replace(cfg, sparsity=scfg)))
   return points
+
+
+def _dense_train(tc: TrainConfig, every: int | None) -> TrainConfig:
+  """The dense points' training cadence: with `every`, a kept checkpoint and a validation
+  every `every` steps, so that any of them can be pruned as a loss-matched point."""
+  if every is None:
+    return tc
+  return dataclasses.replace(tc, ckpt_every=every, eval_every=every,
+                             max_to_keep=-(-tc.steps // every) + 1)
+
+
+def bracketing_steps(curve: Sequence[tuple[int, float]], loss: float) -> tuple[int, ...]:
+  """The steps of one run's checkpoints, `curve` = [(step, validation loss)], whose losses
+  bracket `loss`: the closest at or below it and the closest above it (just one where the
+  run never crosses `loss`). Pruned, they are a dense model at the sparse model's loss."""
+  below = [(l, s) for s, l in curve if l <= loss]
+  above = [(l, s) for s, l in curve if l > loss]
+  steps = ([max(below)[1]] if below else []) + ([min(above)[1]] if above else [])
+  return tuple(sorted(steps))
 
 
 def _check_neuron_minimum(cfg: Config, scfg: SparsityConfig, width: int, l0: int) -> None:
@@ -187,7 +216,10 @@ def frontier(rows: Sequence[dict[str, Any]], target: float) -> tuple[list[str], 
 def matched_pairs(rows: Sequence[dict[str, Any]], target: float) -> list[dict[str, Any]]:
   """For each sparse model, the dense model nearest in validation loss, and the
   dense/sparse ratio of geometric-mean edges over the paper tasks both solve at `target`
-  (`shared_tasks`; `n_shared` of them). Sorted by the validation-loss gap, closest first."""
+  (`shared_tasks`; `n_shared` of them). Dense rows include pruned checkpoints along a dense
+  run (`run`, `step`); where two of one run bracket the sparse model's loss, `interpolated`
+  also gives the dense run's edges interpolated to that loss (`interpolate`). Sorted by the
+  validation-loss gap, closest first."""
   dense = [r for r in rows if r["l0_target"] is None]
   out = []
   for s in (r for r in rows if r["l0_target"] is not None):
@@ -204,5 +236,35 @@ def matched_pairs(rows: Sequence[dict[str, Any]], target: float) -> list[dict[st
                 "n_shared": len(shared), "n_failed_sparse": len(PAPER_TASKS) - len(e_s),
                 "n_failed_dense": len(PAPER_TASKS) - len(e_d),
                 "geomean_edges_sparse": ge_s, "geomean_edges_dense": ge_d,
-                "ratio_dense_over_sparse": ge_d / ge_s if shared else math.nan})
+                "ratio_dense_over_sparse": ge_d / ge_s if shared else math.nan,
+                "interpolated": interpolate(s, dense, target)})
   return sorted(out, key=lambda p: p["loss_gap"])
+
+
+def interpolate(sparse: dict[str, Any], dense: Sequence[dict[str, Any]], target: float
+                ) -> dict[str, Any] | None:
+  """The dense frontier at the sparse model's validation loss, as the paper plots it: two
+  rows of one dense run (two checkpoints, or the final model and one) whose losses bracket
+  the sparse model's, log geometric-mean edges linear in loss between them, over the paper
+  tasks all three solve. Of several runs, the one sharing most tasks. None if no run
+  brackets the sparse loss or no task is shared."""
+  loss, e_s = sparse["val_loss"], edges_at(sparse, target)
+  best = None
+  for run in sorted({r.get("run", r["name"]) for r in dense}):
+    curve = [r for r in dense if r.get("run", r["name"]) == run]
+    steps = bracketing_steps([(i, r["val_loss"]) for i, r in enumerate(curve)], loss)
+    if len(steps) != 2:
+      continue
+    lo, hi = sorted((curve[i] for i in steps), key=lambda r: r["val_loss"])
+    e_lo, e_hi = edges_at(lo, target), edges_at(hi, target)
+    shared = sorted(set(e_s) & set(e_lo) & set(e_hi))
+    if not shared or (best and len(shared) <= best["n_shared"]):
+      continue
+    w = (loss - lo["val_loss"]) / (hi["val_loss"] - lo["val_loss"])
+    g_lo, g_hi = (geomean([e[t] for t in shared]) for e in (e_lo, e_hi))
+    ge_d = math.exp((1 - w) * math.log(g_lo) + w * math.log(g_hi))
+    ge_s = geomean([e_s[t] for t in shared])
+    best = {"dense_run": run, "below": lo["name"], "above": hi["name"], "weight_above": w,
+            "shared_tasks": shared, "n_shared": len(shared), "geomean_edges_dense": ge_d,
+            "geomean_edges_sparse": ge_s, "ratio_dense_over_sparse": ge_d / ge_s}
+  return best

@@ -154,7 +154,7 @@ def test_every_json_read_back_names_file_and_line(run, tmp_path):
   summary.parent.mkdir(parents=True)
   summary.write_text('{"circuit_config": {"steps": 1}')
   with pytest.raises(ValueError, match=r"summary.json:1: not valid JSON.*delete it to redo"):
-    scale_sweep._pruning_done(summary.parent.parent, CircuitConfig())
+    scale_sweep._pruning_done(summary.parent, CircuitConfig())
   with pytest.raises(ValueError, match=r"task.json:2: not valid JSON"):
     fileio.read_json(_write(tmp_path / "task.json", '{"task": "x",\n "nodes": [1, }'))
 

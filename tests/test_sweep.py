@@ -10,6 +10,7 @@ import pytest
 
 from experiments import presets
 from experiments import scale_sweep
+from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import sweep as sweep_lib
 
 
@@ -96,6 +97,51 @@ def test_headline_excludes_induction_and_counts_failures():
   assert sweep_lib.model_summary(row, 0.3)["n_failed"] == 20  # no circuit at 0.3
 
 
+def test_bracketing_steps():
+  curve = [(250, 3.5), (500, 3.2), (750, 3.0), (1000, 2.9)]
+  assert sweep_lib.bracketing_steps(curve, 3.1) == (500, 750)
+  assert sweep_lib.bracketing_steps(curve, 3.0) == (500, 750)  # equal counts as below
+  assert sweep_lib.bracketing_steps(curve, 2.5) == (1000,)  # the run never gets that low
+  assert sweep_lib.bracketing_steps(curve, 4.0) == (250,)
+  assert sweep_lib.bracketing_steps([], 3.0) == ()
+
+
+def test_matched_pairs_use_dense_checkpoints_and_interpolate():
+  """A sparse model between two checkpoints of a dense run: matched with the nearer one, and
+  the run's edges interpolated to its loss (log edges linear in loss) over the tasks all
+  three solve."""
+  final = dict(_row("d", None, 2.8, {0.15: {A: 900, B: 900}}), run="d")
+  early = dict(_row("d@500", None, 3.2, {0.15: {A: 100, B: 400}}), run="d")
+  mid = dict(_row("d@1000", None, 3.0, {0.15: {A: 400, B: 1600, C: 10}}), run="d")
+  sparse = _row("s", 10, 3.05, {0.15: {A: 10, B: 40}})
+  pair, = sweep_lib.matched_pairs([final, early, mid, sparse], 0.15)
+  assert pair["dense"] == "d@1000" and pair["loss_gap"] == pytest.approx(0.05)
+  assert pair["ratio_dense_over_sparse"] == pytest.approx(40.0)
+  interp = pair["interpolated"]
+  assert (interp["below"], interp["above"], interp["shared_tasks"]) == ("d@1000", "d@500",
+                                                                        [A, B])
+  assert interp["weight_above"] == pytest.approx(0.25)
+  # geomeans 800 (below) and 200 (above); a quarter of the way up in loss, in log space:
+  assert interp["geomean_edges_dense"] == pytest.approx(800 * 0.25 ** 0.25)
+  assert interp["ratio_dense_over_sparse"] == pytest.approx(800 * 0.25 ** 0.25 / 20)
+  # No checkpoint of the run lies above the sparse loss: no interpolation.
+  pair, = sweep_lib.matched_pairs([final, mid, _row("s", 10, 3.5, {0.15: {A: 1}})], 0.15)
+  assert pair["interpolated"] is None
+
+
+def test_dense_ckpt_every_sets_the_dense_cadence_only():
+  sweep = dataclasses.replace(presets.get_sweep("tiny"), dense_ckpt_every=20)
+  for p in sweep_lib.grid(sweep):
+    tc = p.config.train
+    if p.l0_target is None:
+      assert (tc.ckpt_every, tc.eval_every, tc.max_to_keep) == (20, 20, 4)
+    else:
+      assert (tc.ckpt_every, tc.eval_every) == (60, 60)
+  for bad in (0, 60, 2.5):
+    with pytest.raises(ValueError, match="sweep.dense_ckpt_every"):
+      dataclasses.replace(sweep, dense_ckpt_every=bad)
+
+
 def _mtimes(path):
   return {str(p): p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
 
@@ -135,6 +181,17 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
   assert (out / "frontier.png").stat().st_size > 10_000
   assert (out / "circuit_size_vs_task_loss.png").stat().st_size > 10_000
   assert (out / "points" / "d48_dense" / "circuits" / "summary.json").exists()
+  # Loss matching: the dense points kept checkpoints every 20 steps; the sparse models (60
+  # steps) are still worse than the dense ones at step 20, so that checkpoint was pruned, for
+  # the tasks the sparse models solve, and it is what they are matched with.
+  assert ckpt_lib.checkpoint_steps(out / "points" / "d32_dense") == [20, 40, 60]
+  ckpt_rows = results["checkpoint_rows"]
+  assert [r["name"] for r in ckpt_rows] == ["d32_dense@20", "d48_dense@20"]
+  for r in ckpt_rows:
+    assert r["l0_target"] is None and r["step"] == 20 and math.isfinite(r["val_loss"])
+  assert {p["dense"] for p in results["matched_pairs"]["1.0"]} <= {"d32_dense@20",
+                                                                   "d48_dense@20"}
+  assert "Loss-matched dense checkpoints: d32_dense@20" in report
 
   # A point whose pruning was lost is re-pruned, not retrained; the others are untouched.
   (out / "points" / "d48_dense" / "circuits" / "summary.json").unlink()
@@ -165,9 +222,9 @@ def test_make_sweep_subset_keeps_each_points_config(tmp_path):
   (tmp_path / "circuits").mkdir()
   summary = {"circuit_config": dataclasses.asdict(ccfg), "requested_tasks": ["else_elif"]}
   (tmp_path / "circuits" / "summary.json").write_text(json.dumps(summary))
-  assert scale_sweep._pruning_done(tmp_path, ccfg, ["else_elif"])
-  assert not scale_sweep._pruning_done(tmp_path, ccfg, None)
+  assert scale_sweep._pruning_done(tmp_path / "circuits", ccfg, ["else_elif"])
+  assert not scale_sweep._pruning_done(tmp_path / "circuits", ccfg, None)
   del summary["requested_tasks"]  # written before task lists existed: all tasks
   (tmp_path / "circuits" / "summary.json").write_text(json.dumps(summary))
-  assert scale_sweep._pruning_done(tmp_path, ccfg, None)
-  assert not scale_sweep._pruning_done(tmp_path, ccfg, ["else_elif"])
+  assert scale_sweep._pruning_done(tmp_path / "circuits", ccfg, None)
+  assert not scale_sweep._pruning_done(tmp_path / "circuits", ccfg, ["else_elif"])

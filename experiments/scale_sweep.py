@@ -111,8 +111,9 @@ def added_row(workdir: str | Path, target: float) -> dict:
   found_at = fileio.read_json(path, _REDO)["target_loss"]
   if found_at != target:
     raise ValueError(f"--add {workdir}: its circuits were searched at target {found_at}, "
-                     f"the sweep's is {target}; prune it again with --target-loss {target} "
-                     "--out DIR and add that run's circuits")
+                     f"the sweep's is {target}; find them again (this rewrites "
+                     f"{path.parent}): python -m experiments.prune --workdir {workdir} "
+                     f"--target-loss {target}")
   row = run_row(workdir, workdir.name, None, None)
   row["l0_target"] = row["l0"] if 2 * row["l0"] <= row["sparsifiable_params"] else None
   # Its config's densities are no targets it was trained to (an imported run has defaults).

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import export_model, import_model, scale_sweep
+from experiments import circuit_table, export_model, import_model, scale_sweep
 from experiments import prune as prune_cli
 from experiments import tasks as tasks_cli
 from sparse_jax import checkpoint as ckpt_lib
@@ -480,6 +480,10 @@ def test_imported_model_goes_through_tasks_prune_and_the_sweeps_aggregation(
   summary = json.loads((run / "circuits" / "summary.json").read_text())
   assert summary["step"] == import_model.IMPORT_STEP and set(summary["tasks"]) == set(
       tasks.split(","))
+  capsys.readouterr()
+  assert circuit_table.main([str(run / "circuits"), "--targets", "1.0"]) == 0
+  n_solved = sum(s["solvable"] and s["meets_target_test"] for s in summary["tasks"].values())
+  assert f"| circuits | 1.0 | {n_solved}/20 |" in capsys.readouterr().out
 
   # The sweep's aggregation takes it as a row beside (here: without) the grid's points.
   out = tmp_path / "sweep"

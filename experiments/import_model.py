@@ -1,6 +1,7 @@
 """CLI: make a run directory from a model released in the authors' format.
 
   python -m experiments.import_model --from DIR [--tokenizer FILE] --workdir RUN
+                                     [--set data.F=V | train.F=V | circuit.F=V ...]
 
 DIR holds `beeg_config.json` + `final_model.pt` (the authors' `models/<name>/`). RUN gets what
 a training run leaves: config.json, the params as an orbax checkpoint (step 0), the authors'
@@ -9,7 +10,9 @@ config (beeg_config.json, kept so that an export writes it back unchanged) and, 
 same ids: their `tinypython/` directory (vocab.bpe + encoder.json, as tinypython_2k reads it)
 or a tiktoken-format file (`base64token rank` lines); an HF tokenizer.json is taken as is.
 Without it the run has no tokenizer and the tools that need text (prune, tasks) say so.
-No torch is needed.
+`--set` chooses the run's data (the validation text the mean activations and the validation
+loss are taken over: by default this project's default corpus), batch shape and circuit
+search defaults; the model section comes from DIR only. No torch is needed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import data as data_lib
 from sparse_jax import fileio
 from sparse_jax import interop
-from sparse_jax.config import Config, TrainConfig
+from sparse_jax.config import Config, TrainConfig, apply_overrides
 
 IMPORT_STEP = 0  # imported params are saved as the checkpoint of step 0
 
@@ -38,10 +41,22 @@ def load_any_tokenizer(path: str | Path):
   return interop.load_authors_tokenizer(path)
 
 
-def import_model(src: str | Path, workdir: str | Path, *,
-                 tokenizer: str | Path | None = None) -> Config:
-  """Writes RUN from an authors'-format model directory; returns the run's Config."""
+OVERRIDABLE = ("data", "train", "circuit")  # the model section is DIR's
+
+
+def import_model(src: str | Path, workdir: str | Path, *, tokenizer: str | Path | None = None,
+                 overrides: list[str] | tuple[str, ...] = ()) -> Config:
+  """Writes RUN from an authors'-format model directory; returns the run's Config.
+
+  Args:
+    overrides: `section.field=value` for the data, train and circuit sections of the run's
+      config (e.g. data.corpus, the text its means and validation loss are taken over).
+  """
   workdir = Path(workdir)
+  bad = [o for o in overrides if o.split(".", 1)[0] not in OVERRIDABLE]
+  if bad:
+    raise ValueError(f"--set {bad[0]!r}: only {', '.join(s + '.*' for s in OVERRIDABLE)} can "
+                     "be set; the model section comes from the imported files")
   if workdir.exists() and any(workdir.iterdir()):
     raise ValueError(f"--workdir {workdir} exists and is not empty; import into a new one")
   model_cfg, params, beeg = interop.read_model(src)
@@ -49,7 +64,9 @@ def import_model(src: str | Path, workdir: str | Path, *,
   if tok is not None and tok.get_vocab_size() > model_cfg.vocab_size:
     raise ValueError(f"--tokenizer {tokenizer}: {tok.get_vocab_size()} tokens do not fit the "
                      f"model's vocab_size {model_cfg.vocab_size}")
-  cfg = Config(model=model_cfg, train=TrainConfig(seq_len=min(128, model_cfg.block_size)))
+  cfg = apply_overrides(
+      Config(model=model_cfg, train=TrainConfig(seq_len=min(128, model_cfg.block_size))),
+      overrides)
   ckpt_lib.check_or_write_config(workdir, cfg)
   fileio.atomic_write_text(workdir / interop.CONFIG_FILE, (Path(src) / interop.CONFIG_FILE)
                            .read_text())
@@ -71,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="the authors' tinypython/ dir (vocab.bpe + encoder.json), a tiktoken "
                            "file, or an HF tokenizer.json")
   parser.add_argument("--workdir", required=True, help="new run directory to create")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="SECTION.FIELD=VALUE", help="data.*, train.* or circuit.*")
   args = parser.parse_args(argv)
-  cfg = import_model(args.src, args.workdir, tokenizer=args.tokenizer)
+  cfg = import_model(args.src, args.workdir, tokenizer=args.tokenizer,
+                     overrides=args.overrides)
   m = cfg.model
   print(f"imported {args.src} -> {args.workdir}: {m.n_layer} layers, d_model {m.d_model}, "
         f"vocab {m.vocab_size}, afrac {m.afrac}, sink {m.sink}"

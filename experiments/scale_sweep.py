@@ -1,7 +1,7 @@
 """The main job: capability vs interpretability of sparse and dense models (PAPER.md §6).
 
   python -m experiments.scale_sweep [--preset cpu] [--out DIR] [--list] [--only I]
-                                    [--collect [--match]] [--tasks a,b|all]
+                                    [--collect [--match]] [--tasks a,b|all] [--add RUN ...]
                                     [--set section.field=value ...]
 
 Trains every grid point (widths x L0 targets, plus a dense model per width), finds a circuit
@@ -18,6 +18,14 @@ steps, and once every point is finished the sweep prunes the dense checkpoints w
 validation loss brackets each sparse model's (for the tasks that sparse model solves), so a
 sparse model is compared with a dense one at its own loss, and interpolated between the two
 (`sweep.interpolate`). Array jobs run `--collect --match` after their last point.
+
+`--add RUN` puts a run from outside the grid into the same tables and figures: any run pruned
+by `experiments.prune` at the sweep's target, e.g. one of the authors' models made into a run
+by `experiments.import_model`. It counts as sparse (its measured L0 standing in for a target)
+when at most half of its sparsifiable params are nonzero, as dense otherwise. A run without
+metrics.jsonl (an imported one) gets its validation loss evaluated on the batches training
+would have logged, tokenised with the run's own tokenizer: losses compare only between models
+that share a tokenizer.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from experiments import prune as prune_lib
 from experiments import sweep_report
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax.circuits import file_stem
+from sparse_jax import data as data_lib
 from sparse_jax import fileio
 from sparse_jax import sparsity
 from sparse_jax import sweep as sweep_lib
@@ -103,14 +112,60 @@ def point_row(point: sweep_lib.Point, out: Path, tasks: list[str] | None = None,
     return None
   if step is not None and not (circuits_dir / "summary.json").exists():
     return None
-  cfg, params, at = ckpt_lib.load_params(workdir, step)
-  specs = sparsity.leaf_specs(params, dataclasses.replace(cfg.sparsity, enabled=True))
-  stats = sparsity.l0_stats(params, specs)
-  l0 = sum(v for k, v in stats.items() if k.startswith("sparsity/l0/"))
-  # A checkpoint row's loss is the validation at that very step (dense_ckpt_every aligns them).
-  val = [r["val/loss"] for r in train_lib.read_metrics(workdir)
-         if "val/loss" in r and (r["step"] <= at if step is None else r["step"] == at)]
+  row = run_row(workdir, point.name, point.width, point.l0_target, circuits_dir)
+  if step is not None:
+    row["name"] = f"{point.name}@{row['step']}"
+    row["timing"] = {"prune_s": row["timing"].get(f"prune_step{row['step']}_s")}
+  return row
+
+
+def added_row(workdir: str | Path, target: float) -> dict:
+  """The row of a run outside the grid (`--add`): its circuits in RUN/circuits, searched at
+  `target`; sparse (l0_target = its L0) when at most half its sparsifiable params are
+  nonzero, dense (None) otherwise."""
+  workdir = Path(workdir)
+  path = workdir / "circuits" / "summary.json"
+  if not path.exists():
+    raise ValueError(f"--add {workdir}: no {path.relative_to(workdir)}; find its circuits "
+                     f"first: python -m experiments.prune --workdir {workdir} "
+                     f"--target-loss {target}")
+  found_at = fileio.read_json(path, _REDO)["target_loss"]
+  if found_at != target:
+    raise ValueError(f"--add {workdir}: its circuits were searched at target {found_at}, "
+                     f"the sweep's is {target}; find them again (this rewrites "
+                     f"{path.parent}): python -m experiments.prune --workdir {workdir} "
+                     f"--target-loss {target}")
+  row = run_row(workdir, workdir.name, None, None)
+  row["l0_target"] = row["l0"] if 2 * row["l0"] <= row["sparsifiable_params"] else None
+  # Its config's densities are no targets it was trained to (an imported run has defaults).
+  row["weight_density"] = row["measured_density"].get("matrix", 1.0)
+  row["embed_density"] = row["measured_density"].get("embed", 1.0)
+  return row
+
+
+def run_row(workdir: Path, name: str, width: int | None, l0_target: int | None,
+            circuits_dir: Path | None = None) -> dict:
+  """The results row of a run pruned into circuits_dir (default RUN/circuits; width None:
+  its d_model), at the checkpoint its circuits were found in. The validation loss is the one
+  metrics.jsonl logged at that step; without one (an imported model, or a checkpoint between
+  validations) it is evaluated on the same batches."""
+  circuits_dir = circuits_dir or workdir / "circuits"
   summary = fileio.read_json(circuits_dir / "summary.json", _REDO)
+  cfg, params, at = ckpt_lib.load_params(workdir, summary.get("step"))
+  # Which params count (not their densities): min_per_neuron's check is for training.
+  specs = sparsity.leaf_specs(params, dataclasses.replace(cfg.sparsity, enabled=True,
+                                                          min_per_neuron=0))
+  stats = sparsity.l0_stats(params, specs)
+  numel = {}
+  for spec in specs.values():
+    numel[spec.group] = numel.get(spec.group, 0) + spec.numel
+  l0 = sum(v for k, v in stats.items() if k.startswith("sparsity/l0/"))
+  val = [r["val/loss"] for r in train_lib.read_metrics(workdir)
+         if "val/loss" in r and r["step"] == at]
+  if not val:
+    tokenizer = data_lib.load_tokenizer(workdir)
+    val = [train_lib.validation_loss(params, cfg, data_lib.prepare_data(cfg,
+                                                                        tokenizer=tokenizer))]
   solved = {t: s for t, s in summary["tasks"].items() if s["solvable"]}
   curves = {}
   for task in summary["tasks"]:
@@ -119,20 +174,21 @@ def point_row(point: sweep_lib.Point, out: Path, tasks: list[str] | None = None,
   timing_path = workdir / "timing.json"
   timing = fileio.read_json(timing_path, _REDO) if timing_path.exists() else {}
   return {
-      "name": point.name if step is None else f"{point.name}@{at}", "run": point.name,
-      "step": at, "width": point.width, "n_layer": cfg.model.n_layer,
-      "l0_target": point.l0_target, "total_params": int(sum(x.size for x in
-                                                            jax.tree.leaves(params))),
+      "name": name, "run": name, "step": at, "workdir": str(workdir),
+      "width": width or cfg.model.d_model, "n_layer": cfg.model.n_layer,
+      "l0_target": l0_target, "total_params": int(sum(x.size for x in jax.tree.leaves(params))),
       "sparsifiable_params": int(sum(s.numel for s in specs.values() if s.sparsified)),
       "l0": int(l0), "weight_density": cfg.sparsity.weight_density if cfg.sparsity.enabled
       else 1.0, "embed_density": cfg.sparsity.embed_density if cfg.sparsity.enabled else 1.0,
+      "measured_density": {g: stats[f"sparsity/l0_group/{g}"] / n for g, n in numel.items()
+                           if g in ("matrix", "embed", "bias")},
       "val_loss": val[-1] if val else math.nan, "tasks_available": len(summary["tasks"]),
       "tasks_solved": len(solved), "task_edges": {t: s["edges"] for t, s in solved.items()},
       "task_meets_target_test": {t: s.get("meets_target_test") for t, s in solved.items()},
       "task_nodes": {t: s["n_nodes"] for t, s in solved.items()},
       "task_loss_full": {t: s["loss_full"] for t, s in summary["tasks"].items()},
       "size_vs_target": curves, "unavailable": summary["unavailable"],
-      "timing": timing if step is None else {"prune_s": timing.get(f"prune_step{at}_s")}}
+      "timing": timing}
 
 
 def _val_curve(workdir: Path) -> list[tuple[int, float]]:
@@ -232,16 +288,23 @@ def run_sweep(sweep: sweep_lib.SweepConfig, out: str | Path, *, only: int | None
 
 
 def collect(sweep: sweep_lib.SweepConfig, out: str | Path, *, command: str,
-            tasks: list[str] | None = None) -> dict:
-  """Aggregates every finished point into results.{csv,json}, the plots and report.md."""
+            tasks: list[str] | None = None, added: list[str | Path] = ()) -> dict:
+  """Aggregates every finished point, and the `added` runs (see `added_row`), into
+  results.{csv,json}, the plots and report.md."""
   out = Path(out)
   points = sweep_lib.grid(sweep)
+  primary = sweep.base.circuit.target_loss
+  names = [p.name for p in points] + [Path(w).name for w in added]
+  clash = sorted({n for n in names if names.count(n) > 1})
+  if clash:
+    raise ValueError(f"--add: run name(s) {clash} already taken by a grid point or another "
+                     "added run; rename the run directory")
   rows = [r for r in (point_row(p, out, tasks) for p in points) if r is not None]
   missing = [p.name for p in points if not any(r["name"] == p.name for r in rows)]
+  rows += [added_row(w, primary) for w in added]
   # Pruned dense checkpoints enter the loss matching only: they were searched for the tasks
   # of the sparse models they match, so the frontier and the model table leave them out.
   ckpt_rows = checkpoint_rows(sweep, out)
-  primary = sweep.base.circuit.target_loss
   targets = sorted(set(sweep_lib.targets_of(rows)) | {primary})
   frontiers = {t: sweep_lib.frontier(rows, t) for t in targets}
   pairs = {t: sweep_lib.matched_pairs(rows + ckpt_rows, t) for t in targets}
@@ -253,7 +316,8 @@ def collect(sweep: sweep_lib.SweepConfig, out: str | Path, *, command: str,
     r["summary_by_target"] = {str(t): sweep_lib.model_summary(r, t) for t in targets}
     r["geomean_edges_solved"] = r["summary_by_target"][str(primary)]["geomean_edges_solved"]
     r["paper_tasks_failed"] = r["summary_by_target"][str(primary)]["n_failed"]
-  results = {"rows": rows, "target": primary, "targets": targets,
+  results = {"rows": rows, "added": [Path(w).name for w in added], "target": primary,
+             "targets": targets,
              "paper_tasks": list(sweep_lib.PAPER_TASKS),
              "control_tasks": list(sweep_lib.CONTROL_TASKS),
              "shared_tasks": {str(t): f[0] for t, f in frontiers.items()},
@@ -263,7 +327,7 @@ def collect(sweep: sweep_lib.SweepConfig, out: str | Path, *, command: str,
   _write_csv(rows, targets, out / "results.csv")
   sweep_report.write_figures(rows, frontiers, pairs, primary, out, ckpt_rows)
   sweep_report.write_report(sweep, rows, frontiers, pairs, missing, out, command=command,
-                            ckpt_rows=ckpt_rows)
+                            ckpt_rows=ckpt_rows, added=results["added"])
   return results
 
 
@@ -303,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="comma-separated task names to find circuits for, or all")
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="SECTION.FIELD=VALUE", help="override the base config")
+  parser.add_argument("--add", action="append", default=[], metavar="RUN",
+                      help="also aggregate this pruned run (e.g. an imported model)")
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() first; run on every host")
@@ -325,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     match_dense(sweep, out, tasks=tasks, progress=not args.no_progress)
   command = "python -m experiments.scale_sweep " + " ".join(argv if argv is not None
                                                              else sys.argv[1:])
-  results = collect(sweep, out, command=command.strip(), tasks=tasks)
+  results = collect(sweep, out, command=command.strip(), tasks=tasks, added=args.add)
   n_points = len(results["rows"]) + len(results["missing_points"])
   print(f"wrote {out}/report.md ({len(results['rows'])} of {n_points} points finished)")
   return 0

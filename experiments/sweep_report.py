@@ -67,7 +67,8 @@ def headline(pairs: dict, primary: float) -> dict | None:
 
 
 def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing: list[str],
-                 out: Path, *, command: str, ckpt_rows: list[dict] = ()) -> None:
+                 out: Path, *, command: str, ckpt_rows: list[dict] = (),
+                 added: list[str] = ()) -> None:
   base, primary = sweep.base, sweep.base.circuit.target_loss
   targets = sorted(frontiers)
   mixture = ", ".join(base.data.mixture) or "none"
@@ -97,6 +98,11 @@ def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing:
       "the dense bigram table)", ""]
   if missing:
     lines += [f"**Unfinished points (not in the tables):** {', '.join(missing)}", ""]
+  if added:
+    lines += [f"**Runs added to the grid (`--add`):** {', '.join(added)}: their own config "
+              "and circuits; a run without logged metrics (an imported model) has its "
+              "validation loss evaluated with its own tokenizer, so losses compare only "
+              "between models sharing a tokenizer.", ""]
   control = ", ".join(sweep_lib.CONTROL_TASKS)
   lines += ["## Models", "",
             f"Per model at the primary target {primary}: the geometric mean of circuit edges "

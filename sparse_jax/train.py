@@ -285,6 +285,13 @@ def _train(cfg: Config, workdir: Path, progress: bool, objective: Objective) -> 
   return state
 
 
+def validation_loss(params, cfg: Config, dataset) -> float:
+  """The `val/loss` the training loop logs (the same fixed batches), for params it did not
+  train: an imported model, whose run has no metrics.jsonl."""
+  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, task_eval_pairs=0))
+  return _Evaluator(cfg, dataset, make_mesh())(params)["val/loss"]
+
+
 class _Evaluator:
   """Validation loss over fixed batches, plus held-out loss/accuracy of every task (so a user
   can watch each task being learned)."""

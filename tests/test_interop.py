@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import export_model, import_model
+from experiments import circuit_table, export_model, import_model, scale_sweep
+from experiments import prune as prune_cli
 from experiments import tasks as tasks_cli
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import data as data_lib
@@ -40,14 +41,48 @@ def _assert_trees_bitwise_equal(a, b):
     assert x.tobytes() == y.tobytes(), jax.tree_util.keystr(path)
 
 
+def _their_hook_sites(cfg: ModelConfig) -> list[str]:
+  """Their hooks that are not node sites here: the residual stream and the attention op's
+  output before c_proj (PAPER.md §1, "Hooks")."""
+  return [s for i in range(cfg.n_layer) for s in (f"{i}.resid_in", f"{i}.attn.y",
+                                                  f"{i}.resid_mid")] + ["final_resid"]
+
+
+def _forward_with_every_hook(params, tokens_BxL, cfg: ModelConfig):
+  """(logits, {site: act}) for all their hook sites, computed by `model.forward` and its
+  pieces (`embed`, `run_sublayers`). attn.y is read by running the attention sublayer with
+  c_proj = identity, zero bias and no AbsTopK after it (needs n_head * d_head == d_model):
+  its residual write is then y itself, added to the residual and taken off again."""
+  logits_BxLxV, acts = model_lib.forward(params, tokens_BxL, cfg,
+                                         capture=tuple(model_lib.node_sites(cfg)))
+  assert cfg.d_attn == cfg.d_model
+  cfg_y = ModelConfig(**{**cfg.__dict__, "afrac_loctypes": tuple(
+      t for t in cfg.afrac_loctypes if t != "attn_out")})
+  x_BxLxD = model_lib.embed(params, tokens_BxL, cfg)
+  for j in range(model_lib.n_sublayers(cfg)):
+    i = j // 2
+    if j % 2 == 0:
+      acts[f"{i}.resid_in"] = x_BxLxD
+      blocks = dict(params["blocks"])
+      blocks[str(i)] = {**blocks[str(i)], "attn": {**blocks[str(i)]["attn"], "c_proj": {
+          "w": np.eye(cfg.d_attn, dtype=np.float32), "b": np.zeros(cfg.d_model, np.float32)}}}
+      acts[f"{i}.attn.y"] = model_lib.run_sublayers(
+          {**params, "blocks": blocks}, x_BxLxD, cfg_y, j, j + 1) - x_BxLxD
+    else:
+      acts[f"{i}.resid_mid"] = x_BxLxD
+    x_BxLxD = model_lib.run_sublayers(params, x_BxLxD, cfg, j, j + 1)
+  acts["final_resid"] = x_BxLxD
+  return logits_BxLxV, acts
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_forward_reproduces_their_logits_and_node_activations(name):
+def test_forward_reproduces_their_logits_and_every_hook_site(name):
   cfg, params, _ = interop.read_model(FIXTURES / name)
   tokens_BxL = np.load(FIXTURES / name / "tokens.npy")
   expected = np.load(FIXTURES / name / "expected.npz")
-  sites = tuple(model_lib.node_sites(cfg))
-  assert set(sites) <= set(expected.files)
-  logits_BxLxV, acts = jax.jit(lambda p, t: model_lib.forward(p, t, cfg, capture=sites))(
+  sites = [*model_lib.node_sites(cfg), *_their_hook_sites(cfg)]
+  assert sorted(expected.files) == sorted(["logits", *sites])  # every hook their model has
+  logits_BxLxV, acts = jax.jit(lambda p, t: _forward_with_every_hook(p, t, cfg))(
       params, tokens_BxL)
   np.testing.assert_allclose(logits_BxLxV, expected["logits"], rtol=0, atol=1e-5)
   for site in sites:
@@ -218,8 +253,20 @@ def test_import_export_cli_round_trip(tmp_path, capsys):
   assert tasks_cli.main(["--list", "--workdir", str(run)]) == 2
   err = capsys.readouterr().err.strip()
   assert "\n" not in err and "cannot load tokenizer: no such file" in err and "--tokenizer" in err
+  assert prune_cli.main(["--workdir", str(run), "--tasks", "single_double_quote"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "cannot load tokenizer: no such file" in err and "--tokenizer" in err
   # A second import into the same run is refused rather than mixed in.
   assert import_model.main(["--from", str(src), "--workdir", str(run)]) == 2
+  # --set takes the run's data, train and circuit settings; the model is the files'.
+  assert import_model.main(["--from", str(src), "--workdir", str(tmp_path / "run2"),
+                            "--set", "model.d_model=32"]) == 2
+  assert "--set 'model.d_model=32': only data.*, train.*, circuit.* can be set" in \
+      capsys.readouterr().err
+  assert import_model.main(["--from", str(src), "--workdir", str(tmp_path / "run2"),
+                            "--set", "data.corpus=simple", "--set", "circuit.steps=7"]) == 0
+  cfg2 = ckpt_lib.load_config(tmp_path / "run2")
+  assert (cfg2.data.corpus, cfg2.circuit.steps, cfg2.model) == ("simple", 7, cfg.model)
 
 
 # Tokenizer ------------------------------------------------------------------------------------
@@ -305,6 +352,50 @@ def test_authors_vocab_bpe_and_encoder_json_give_tiktoken_ids(tmp_path):
     interop.load_authors_tokenizer(tmp_path)
 
 
+# The authors' tinypython_2k spec (their tiktoken_ext/tinypython.py; PAPER.md §1), written out
+# here rather than imported from sparse_jax.data, so that the test checks the project's copy.
+AUTHORS_PAT_STR = (r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"""
+                   r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def test_tokenizer_matches_tiktoken_itself_with_the_authors_spec(tmp_path, monkeypatch):
+  """tiktoken (a test-only dependency) built exactly as their tinypython_2k plugin builds it,
+  from both file formats, gives the ids of the converted tokenizer on real Python source."""
+  tiktoken = pytest.importorskip("tiktoken")
+  from tiktoken import load as tiktoken_load  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+  assert data_lib.TINYPYTHON_PATTERN == AUTHORS_PAT_STR
+  sources = [Path(json.__file__), Path(pickle.__file__), Path(zipfile.__file__)]
+  texts = [p.read_text() for p in sources]
+  hf = data_lib.train_tokenizer(texts[:2], 257 + 400)
+  # Their published pair: vocab.bpe (merges, GPT-2 byte characters) + encoder.json (ids).
+  merges = json.loads(hf.to_str())["model"]["merges"]
+  merges = [m if isinstance(m, list) else m.split(" ") for m in merges]
+  b2u = interop._byte_to_unicode()  # pylint: disable=protected-access
+  printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+  encoder = {b2u[b]: i for i, b in enumerate(printable + [b for b in range(256)
+                                                          if b not in printable])}
+  for left, right in merges:
+    encoder.setdefault(left + right, len(encoder))
+  (tmp_path / "vocab.bpe").write_text("#version: 0.2\n" + "".join(f"{l} {r}\n"
+                                                                  for l, r in merges))
+  (tmp_path / "encoder.json").write_text(json.dumps({**encoder, data_lib.EOT: len(encoder)}))
+  ranks = tiktoken_load.data_gym_to_mergeable_bpe_ranks(str(tmp_path / "vocab.bpe"),
+                                                        str(tmp_path / "encoder.json"))
+  # The same ranks as a tiktoken-format file.
+  (tmp_path / "t.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n"
+                                               for t, r in ranks.items()))
+  assert tiktoken_load.load_tiktoken_bpe(str(tmp_path / "t.tiktoken")) == ranks
+  theirs = tiktoken.Encoding(name="tinypython_test", pat_str=AUTHORS_PAT_STR,
+                             mergeable_ranks=ranks, special_tokens={data_lib.EOT: len(ranks)})
+  texts += ["héllo wörld 12345 ✓ \r\n\t  x\u00a0y  \n\n", "<|endoftext|> is text here"]
+  for tok in (interop.load_authors_tokenizer(tmp_path),
+              interop.load_authors_tokenizer(tmp_path / "t.tiktoken")):
+    assert tok.token_to_id(data_lib.EOT) == theirs.eot_token == len(ranks)
+    for text in texts:  # texts[2] was not seen by the BPE trainer
+      assert tok.encode(text).ids == theirs.encode_ordinary(text)
+
+
 def test_tiktoken_file_errors_name_the_line(tmp_path):
   path = tmp_path / "bad.tiktoken"
   path.write_text("IQ== 0\nnot-base64!! 1\n")
@@ -341,3 +432,105 @@ def test_import_with_tiktoken_tokenizer_serves_the_tasks(tiktoken_file, tmp_path
   interop.write_model(tmp_path / "small", small_cfg, _random_params(small_cfg))
   with pytest.raises(ValueError, match="do not fit the model's vocab_size"):
     import_model.import_model(tmp_path / "small", tmp_path / "run2", tokenizer=path)
+
+
+# An imported model through every tool ---------------------------------------------------------
+
+
+def _csp_like_with_vocab(directory: Path, vocab_size: int, seed: int = 0) -> None:
+  """csp_like in their format, its vocabulary grown to `vocab_size` (new rows random, 25%
+  nonzero as the rest), so that a byte-level tokenizer (>= 257 tokens) fits it."""
+  beeg = json.loads((FIXTURES / "csp_like" / interop.CONFIG_FILE).read_text())
+  sd = torch_format.read_state_dict(FIXTURES / "csp_like" / interop.WEIGHTS_FILE)
+  rng, extra = np.random.default_rng(seed), vocab_size - beeg["vocab_size"]
+  sparse = lambda *shape: (rng.normal(0, 0.5, shape) * (rng.random(shape) < 0.25)).astype(
+      np.float32)
+  for key in ("transformer.wte.weight", "lm_head.weight"):
+    sd[key] = np.concatenate([sd[key], sparse(extra, sd[key].shape[1])])
+  table = sd["bigram_table"]
+  sd["bigram_table"] = np.block([[table, sparse(table.shape[0], extra)],
+                                 [sparse(extra, vocab_size)]])
+  sd["final_logits_bias"] = np.zeros(vocab_size, np.float32)
+  beeg["vocab_size"] = vocab_size
+  directory.mkdir()
+  torch_format.write_state_dict(directory / interop.WEIGHTS_FILE, sd)
+  (directory / interop.CONFIG_FILE).write_text(json.dumps(beeg))
+
+
+# One prune of a tiny model is about 30 s on an idle 2-core CPU (compiles), minutes when shared.
+@pytest.mark.slow
+def test_imported_model_goes_through_tasks_prune_and_the_sweeps_aggregation(
+    tiktoken_file, tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("SPARSE_JAX_CACHE", str(tmp_path / "cache"))
+  path, ranks = tiktoken_file
+  _csp_like_with_vocab(tmp_path / "theirs", len(ranks) + 1)
+  run = tmp_path / "runs" / "csp_like"
+  data_args = ["--set", "data.max_files=120", "--set", "train.batch_size=4",
+               "--set", "train.eval_batches=2"]
+  assert import_model.main(["--from", str(tmp_path / "theirs"), "--tokenizer", str(path),
+                            "--workdir", str(run)] + data_args) == 0
+  assert tasks_cli.main(["--show", "single_double_quote", "-n", "1", "--workdir", str(run)]) == 0
+  tasks = "single_double_quote,bracket_counting"
+  circuit_args = ["--target-loss", "1.0", "--no-progress", "--tasks", tasks] + [
+      a for o in ("steps=10", "batch_size=8", "mean_batches=1", "n_train_pairs=16",
+                  "n_select_pairs=16", "n_heldout_pairs=16", "bisect_candidates=4",
+                  "eval_max_seqs=160", "lbfgs_steps=4")
+      for a in ("--set", f"circuit.{o}")]
+  assert prune_cli.main(["--workdir", str(run)] + circuit_args) == 0
+  summary = json.loads((run / "circuits" / "summary.json").read_text())
+  assert summary["step"] == import_model.IMPORT_STEP and set(summary["tasks"]) == set(
+      tasks.split(","))
+  capsys.readouterr()
+  assert circuit_table.main([str(run / "circuits"), "--targets", "1.0"]) == 0
+  n_solved = sum(s["solvable"] and s["meets_target_test"] for s in summary["tasks"].values())
+  assert f"| circuits | 1.0 | {n_solved}/20 |" in capsys.readouterr().out
+
+  # The sweep's aggregation takes it as a row beside (here: without) the grid's points.
+  out = tmp_path / "sweep"
+  sweep_args = ["--preset", "tiny", "--out", str(out), "--collect",
+                "--set", "circuit.target_loss=1.0"]
+  capsys.readouterr()
+  assert scale_sweep.main(sweep_args + ["--add", str(run)]) == 0
+  results = json.loads((out / "results.json").read_text())
+  assert results["added"] == ["csp_like"] and len(results["rows"]) == 1
+  row = results["rows"][0]
+  cfg, params, _ = interop.read_model(tmp_path / "theirs")
+  counted = [params["wte"], params["lm_head"]["w"]] + [
+      x for b in params["blocks"].values() for sub in (b["attn"], b["mlp"])
+      for name in ("c_attn", "c_proj", "c_fc") if name in sub for x in sub[name].values()]
+  assert row["l0"] == sum(int(np.count_nonzero(x)) for x in counted)
+  assert row["sparsifiable_params"] == sum(x.size for x in counted)
+  assert row["l0_target"] == row["l0"]  # about a quarter nonzero: a sparse model
+  assert (row["width"], row["n_layer"]) == (cfg.d_model, cfg.n_layer)
+  assert 0.2 < row["weight_density"] < 0.3 and row["weight_density"] != 1 / 16
+  # Its validation loss: the same batches training would evaluate, in its own tokens.
+  run_cfg = ckpt_lib.load_config(run)
+  dataset = data_lib.prepare_data(run_cfg, tokenizer=data_lib.load_tokenizer(run))
+  batches = dataset.val_batches(2, 4, run_cfg.train.seq_len)
+  assert batches.max() < len(ranks) and batches.shape == (2, 4, 65)
+  expected_loss = np.mean([float(model_lib.next_token_loss(params, b, cfg)) for b in batches])
+  assert row["val_loss"] == pytest.approx(expected_loss, abs=1e-5)
+  assert row["task_loss_full"].keys() == summary["tasks"].keys()
+  assert row["task_edges"] == {t: s["edges"] for t, s in summary["tasks"].items()
+                               if s["solvable"]}
+  assert "Runs added to the grid (`--add`):** csp_like" in (out / "report.md").read_text()
+
+
+def test_sweep_aggregation_refuses_an_added_run_it_cannot_compare(tmp_path, capsys):
+  run = tmp_path / "dense_like"
+  assert import_model.main(["--from", str(FIXTURES / "dense_like"), "--workdir", str(run)]) == 0
+  args = ["--preset", "tiny", "--out", str(tmp_path / "sweep"), "--collect"]
+  capsys.readouterr()
+  assert scale_sweep.main(args + ["--add", str(run)]) == 2  # not pruned yet
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "no circuits/summary.json" in err and \
+      f"python -m experiments.prune --workdir {run} --target-loss 1.0" in err
+  (run / "circuits").mkdir()
+  (run / "circuits" / "summary.json").write_text(json.dumps({"target_loss": 0.15}))
+  assert scale_sweep.main(args + ["--add", str(run)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "searched at target 0.15, the sweep's is 1.0" in err
+  (tmp_path / "d32_dense").symlink_to(run)  # named like a grid point of the tiny sweep
+  assert scale_sweep.main(args + ["--add", str(tmp_path / "d32_dense")]) == 2
+  assert "['d32_dense'] already taken by a grid point" in capsys.readouterr().err
+  assert not (tmp_path / "sweep" / "results.json").exists()

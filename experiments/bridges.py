@@ -34,6 +34,7 @@ import numpy as np
 
 from experiments import cli
 from experiments import presets
+from experiments import prune as prune_lib
 from sparse_jax import bridges
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import circuits as circuits_lib
@@ -146,18 +147,28 @@ def format_table(metrics: dict, n_layer: int) -> str:
 # --- steering ---
 
 
-def circuit_channel(workdir: Path, task: str, params, step: int, cfg: Config, arrays
-                    ) -> tuple[str, dict]:
-  """The residual-read channel of the task's circuit whose removal hurts the task most."""
+def circuit_channel(workdir: Path, task: str, params, step: int, cfg: Config, arrays,
+                    tokenizer) -> tuple[str, dict]:
+  """The residual-read channel of the task's circuit whose removal hurts the task most.
+
+  Each candidate is scored by the task loss (on `arrays`) of the circuit without it, the rest
+  of the model mean-ablated as in the search (the same means cache as experiments.prune).
+  """
   path = workdir / "circuits" / f"{circuits_lib.file_stem(task)}.json"
-  hint = (f"run `python -m experiments.prune --workdir {workdir} --tasks {task}` or pass "
-          "--channel LAYER.SITE.CHANNEL")
+  prune = f"`python -m experiments.prune --workdir {workdir} --tasks {task}`"
+  hint = f"run {prune} first, or pass --channel LAYER.SITE.CHANNEL"
   if not path.exists():
-    raise ValueError(f"no circuit for {task} at {path}: {hint}")
+    raise ValueError(f"steer needs a circuit for {task} (none at {path}): {hint}")
   circuit = circuits_lib.Circuit.from_json(path.read_text())
-  if not circuit.solvable:
-    raise ValueError(f"{path}: the sparse model has no circuit for {task} ({circuit.reason}); "
-                     f"{hint}")
+  if not circuit.solvable or not circuit.nodes:
+    why = circuit.reason or "the empty circuit already meets the target"
+    raise ValueError(f"steer needs a circuit for {task}, and {path} has none ({why}): pass "
+                     f"--channel LAYER.SITE.CHANNEL, or rerun {prune} with another --target-loss")
+  summary = path.parent / "summary.json"
+  found_at = json.loads(summary.read_text()).get("step") if summary.exists() else None
+  if found_at is not None and found_at != step:
+    raise ValueError(f"{path} was found at step {found_at} but the run's latest checkpoint is "
+                     f"step {step}: {hint}")
   candidates = [(site, c) for site, ids in circuit.nodes.items() if site.endswith(".act_in")
                 for c in ids]
   if not candidates:
@@ -169,18 +180,15 @@ def circuit_channel(workdir: Path, task: str, params, step: int, cfg: Config, ar
   m_CxN = np.repeat(keep_N[None], len(candidates), axis=0)
   for i, (site, c) in enumerate(candidates):
     m_CxN[i, slices[site].start + c] = 0.0
-
-  def val_batches():
-    return _val_batches(cfg)[:, :, :-1]
-  # The same cache file and batches as experiments.prune uses for this checkpoint.
-  means = masks.cached_means(str(workdir / f"means_{step}.npz"), params, cfg.model, val_batches)
-  loss_C = jax.jit(jax.vmap(lambda m: tasks_lib.task_metrics(
+  ccfg = dataclasses.replace(cfg.circuit, mean_batches=circuit.settings.get(
+      "mean_batches", cfg.circuit.mean_batches))
+  means = prune_lib.circuit_means(workdir, step, params, cfg, ccfg, tokenizer)
+  loss_C = np.asarray(jax.jit(jax.vmap(lambda m: tasks_lib.task_metrics(
       params, cfg.model, arrays, ablation=masks.node_ablation(m, means, cfg.model))[0]))(
-          jnp.asarray(m_CxN))
-  best = int(np.argmax(np.asarray(loss_C)))
-  site, c = candidates[best]
+          jnp.asarray(m_CxN)))
+  site, c = candidates[int(np.argmax(loss_C))]
   layer, kind = site.split(".")[:2]
-  scores = {f"{s}.{ch}": float(l) for (s, ch), l in zip(candidates, np.asarray(loss_C))}
+  scores = {f"{s}.{ch}": float(l) for (s, ch), l in zip(candidates, loss_C)}
   return f"{layer}.{kind}.{c}", {"circuit": str(path), "loss_without_channel": scores}
 
 
@@ -201,7 +209,8 @@ def steer(workdir: str | Path, task: str, channel: str | None = None, *, n_pairs
   arrays = jax.tree.map(lambda x: x[0], taskset.heldout)
   choice = {"how": "given"}
   if channel is None:
-    channel, choice = circuit_channel(workdir, task, params, int(state.step), cfg, arrays)
+    channel, choice = circuit_channel(workdir, task, params, int(state.step), cfg, arrays,
+                                      tokenizer)
     choice["how"] = "the circuit's residual-read channel whose removal raises the loss most"
   j, c = bridges.parse_channel(channel, cfg.model)
   # Delta is taken token by token, so both sides of a pair must line up (same length).

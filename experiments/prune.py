@@ -44,13 +44,7 @@ def find_at_step(workdir: str | Path, *, task_names: list[str] | None, circuit_c
   tokenizer = data_lib.load_tokenizer(workdir)
   taskset = circuits_lib.circuit_taskset(tokenizer, task_names, ccfg,
                                          max_len=min(128, cfg.model.block_size))
-
-  def val_batches():  # inputs only: each batch holds seq_len + 1 tokens
-    dataset = data_lib.prepare_data(cfg, tokenizer=tokenizer)  # the run's (maybe imported)
-    batches = dataset.val_batches(ccfg.mean_batches, cfg.train.batch_size, cfg.train.seq_len)
-    return batches[:, :, :-1]
-  means = masks.cached_means(str(means_path(means_dir, step, cfg, ccfg)), params, cfg.model,
-                             val_batches)
+  means = circuit_means(means_dir, step, params, cfg, ccfg, tokenizer)
   found = circuits_lib.find_circuits(params, cfg.model, taskset, means, ccfg, progress=progress)
   return step, params, cfg, taskset, found
 
@@ -89,6 +83,16 @@ def prune(workdir: str | Path, *, task_names: list[str] | None = None,
                 for c in found}}
   fileio.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
   return summary
+
+
+def circuit_means(means_dir: Path, step: int, params, cfg, ccfg: CircuitConfig, tokenizer):
+  """The mean activation of every node site at a checkpoint, cached in means_dir."""
+  def val_batches():  # inputs only: each batch holds seq_len + 1 tokens
+    dataset = data_lib.prepare_data(cfg, tokenizer=tokenizer)  # the run's (maybe imported)
+    batches = dataset.val_batches(ccfg.mean_batches, cfg.train.batch_size, cfg.train.seq_len)
+    return batches[:, :, :-1]
+  return masks.cached_means(str(means_path(means_dir, step, cfg, ccfg)), params, cfg.model,
+                            val_batches)
 
 
 def means_path(workdir: Path, step: int, cfg, ccfg: CircuitConfig) -> Path:

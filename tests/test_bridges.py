@@ -1,6 +1,7 @@
 """Bridges: identity bridges cost nothing, every loss term against a hand computation, steering
-at strength 0 is the plain dense model bit for bit, and a resumed bridge run is bitwise the
-uninterrupted one."""
+at strength 0 is the plain dense model bit for bit, a resumed bridge run is bitwise the
+uninterrupted one, and steer's default channel comes from the pruned circuit (or steer says
+in one line what it needs)."""
 
 import dataclasses
 import json
@@ -13,9 +14,15 @@ import pytest
 from scipy.special import erf
 
 from experiments import bridges as bridges_cli
+from experiments import prune as prune_cli
 from sparse_jax import bridges
+from sparse_jax import checkpoint as ckpt_lib
+from sparse_jax import data as data_lib
+from sparse_jax import masks
 from sparse_jax import model as model_lib
+from sparse_jax import tasks as tasks_lib
 from sparse_jax import train as train_lib
+from sparse_jax.circuits import Circuit
 from sparse_jax.config import ModelConfig
 from tests.test_train import tiny_config
 
@@ -207,3 +214,77 @@ def test_resumed_bridge_run_is_bitwise_identical(tmp_path):
   with pytest.raises(ValueError, match="bridge.nmse_norm"):
     bridges_cli.train_bridges(tmp_path / "dense", tmp_path / "x",
                               overrides=["bridge.nmse_norm=l2"], progress=False)
+
+
+@pytest.mark.slow  # trains a tiny dense run and a bridged one, and searches one circuit
+def test_steer_defaults_to_the_circuits_most_needed_channel(tmp_path, capsys):
+  task = "single_double_quote"
+  cache = tmp_path / "cache"
+  dense_cfg = tiny_config(cache, "sparsity.enabled=false", "train.steps=4",
+                          "train.ckpt_every=4", "model.block_size=128",  # the task's length
+                          "circuit.steps=10", "circuit.batch_size=8",
+                          "circuit.n_train_pairs=16", "circuit.n_select_pairs=8",
+                          "circuit.n_heldout_pairs=8", "circuit.mean_batches=1")
+  train_lib.train(dense_cfg, tmp_path / "dense", progress=False)
+  run = tmp_path / "bridged"
+  bridges_cli.train_bridges(tmp_path / "dense", run, progress=False,
+                            overrides=["train.steps=4", "train.ckpt_every=4"])
+  steer = ["steer", "--workdir", str(run), "--task", task, "--pairs", "8", "--strengths", "3"]
+  # No circuit yet: one line that says which command makes one.
+  assert bridges_cli.main(steer) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and f"python -m experiments.prune --workdir {run}" in err
+  # The real search on the untrained tiny model: every node can go (its loss is ln 2 either
+  # way), so the circuit is empty and steer still says, in one line, what it needs.
+  assert prune_cli.main(["--workdir", str(run), "--tasks", task, "--target-loss", "5",
+                         "--no-progress"]) == 0
+  path = run / "circuits" / f"{task}.json"
+  circuit = Circuit.from_json(path.read_text())
+  assert circuit.solvable and circuit.n_nodes == 0
+  capsys.readouterr()
+  assert bridges_cli.main(steer) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "has none" in err and "experiments.prune" in err
+  # The same search result with a circuit in it: every node of the model but the residual
+  # reads, of which it keeps four channels per sublayer.
+  cfg, params, step = ckpt_lib.load_params(run)
+  slices = masks.site_slices(cfg.model)
+  nodes = {site: list(range(sl.stop - sl.start)) for site, sl in slices.items()}
+  for site in ("0.attn.act_in", "0.mlp.act_in"):
+    nodes[site] = [1, 5, 9, 13]
+  path.write_text(dataclasses.replace(circuit, nodes=nodes,
+                                      n_nodes=sum(map(len, nodes.values()))).to_json())
+  assert bridges_cli.main(steer) == 0
+  out = json.loads(capsys.readouterr().out.splitlines()[0])
+  saved = json.loads((run / f"steer_{task}_{out['channel']}.json").read_text())
+  scores = saved["choice"]["loss_without_channel"]
+  assert sorted(scores) == sorted(f"{s}.{c}" for s in ("0.attn.act_in", "0.mlp.act_in")
+                                  for c in (1, 5, 9, 13))
+  best = max(scores, key=scores.get)  # "LAYER.SITE.act_in.CHANNEL"
+  layer, kind, _, c = best.split(".")
+  assert out["channel"] == f"{layer}.{kind}.{c}"
+  # Its score is the task loss of the circuit without that channel, the rest mean-ablated
+  # with the means experiments.prune cached.
+  keep = np.zeros(masks.n_nodes(cfg.model), np.float32)
+  for site, ids in nodes.items():
+    keep[slices[site].start + np.asarray(ids)] = 1.0
+  keep[slices[f"{layer}.{kind}.act_in"].start + int(c)] = 0.0
+  means = masks.load_means(str(next(run.glob(f"means_{step}_*.npz"))), cfg.model)
+  arrays = jax.tree.map(lambda x: x[0], tasks_lib.build_taskset(
+      data_lib.load_tokenizer(run), [task], n_train=1, n_heldout=8, seed=cfg.circuit.seed,
+      max_len=128).heldout)
+  loss, _ = tasks_lib.task_metrics(params, cfg.model, arrays,
+                                   ablation=masks.node_ablation(jnp.asarray(keep), means,
+                                                                cfg.model))
+  np.testing.assert_allclose(scores[best], float(loss), rtol=1e-5)
+  assert len(set(scores.values())) > 1  # removing a channel does change the loss
+  # The same channel given by hand steers identically.
+  assert bridges_cli.main(steer + ["--channel", out["channel"]]) == 0
+  given = json.loads((run / f"steer_{task}_{out['channel']}.json").read_text())
+  assert given["curve"] == saved["curve"] and given["choice"] == {"how": "given"}
+  assert saved["curve"][0]["strength"] == 0.0 and len(saved["curve"]) == 3
+  # A circuit of another checkpoint is refused, naming both steps.
+  summary = run / "circuits" / "summary.json"
+  summary.write_text(json.dumps({**json.loads(summary.read_text()), "step": step + 1}))
+  assert bridges_cli.main(steer) == 2
+  assert f"found at step {step + 1}" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """CLI: validation loss of trained runs per byte of named corpora, comparable across tokenizers.
 
-`python -m experiments.val_bytes RUN [RUN ...] --corpus stdlib [--corpus simple@FILE.jsonl]`
+`python -m experiments.val_bytes RUN [RUN ...] --corpus stdlib [--corpus simple@FILE.jsonl]
+[--task-pairs N --task-seed S]`
 
 Runs trained on different data (an A/B of the training mixture) have different tokenizers and
 validation mixtures, so their `val/loss` (nats per token of their own mixture) cannot be
@@ -8,7 +9,9 @@ compared. This scores every run on the same documents: each corpus's validation 
 split training used, by document name), the first documents up to `--max-bytes`, tokenized with
 each run's own tokenizer and scored in windows of the run's `train.seq_len` (each token but the
 first predicted once; the context restarts every window). It prints nats per byte (total nats
-over the documents' UTF-8 bytes) and nats per token, one row per run and corpus.
+over the documents' UTF-8 bytes) and nats per token, one row per run and corpus. With
+`--task-pairs N` it also scores every task on N held-out pairs drawn with `--task-seed` (more,
+and other, pairs than the training-time evaluation's `train.task_eval_pairs` at seed 0).
 
 Corpus specs are those of `DataConfig.corpus`; `LABEL@FILE.jsonl` reads a jsonl file but names
 its documents `LABEL:LINE` as the corpus LABEL does, e.g. `simple@~/.cache/sparse_jax/simple-
@@ -29,6 +32,7 @@ from experiments import cli
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import data as data_lib
 from sparse_jax import model as model_lib
+from sparse_jax import tasks as tasks_lib
 from sparse_jax.config import ModelConfig
 from sparse_jax.corpus import Document, load_corpus, split_documents
 from sparse_jax.fileio import atomic_write_text
@@ -86,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
                       help="corpus spec, or LABEL@FILE.jsonl (repeatable)")
   parser.add_argument("--max-bytes", type=int, default=400_000,
                       help="validation bytes scored per corpus (default 400000)")
+  parser.add_argument("--task-pairs", type=int, default=0,
+                      help="also score every task on this many held-out pairs (default 0: off)")
+  parser.add_argument("--task-seed", type=int, default=1, help="seed of those pairs (default 1)")
   parser.add_argument("--json", help="also write the rows to this JSON file")
   args = parser.parse_args(argv)
-  if args.max_bytes < 1:
-    raise ValueError(f"--max-bytes must be >= 1, got {args.max_bytes}")
+  if args.max_bytes < 1 or args.task_pairs < 0:
+    raise ValueError(f"--max-bytes must be >= 1 and --task-pairs >= 0, got {args.max_bytes}, "
+                     f"{args.task_pairs}")
   rows = []
   for run in args.runs:
     cfg, params, step = ckpt_lib.load_params(run)
@@ -105,6 +113,16 @@ def main(argv: list[str] | None = None) -> int:
                    "nats_per_byte": nats / n_bytes})
       print(f"{run} step {step} | {spec} | {len(docs)} docs, {n_bytes} bytes, {n_tok} tokens"
             f" | {nats / n_tok:.4f} nats/token | {nats / n_bytes:.4f} nats/byte", flush=True)
+    if args.task_pairs:
+      taskset = tasks_lib.build_taskset(tok, n_train=1, n_heldout=args.task_pairs,
+                                        seed=args.task_seed,
+                                        max_len=min(128, cfg.model.block_size))
+      results = tasks_lib.evaluate_tasks(params, cfg.model, taskset)
+      rows.append({"run": run, "step": step, "task_pairs": args.task_pairs,
+                   "task_seed": args.task_seed, "tasks": results})
+      for name, m in results.items():
+        print(f"{run} step {step} | task {name} | loss {m['loss']:.3f} | acc {m['acc']:.2f}",
+              flush=True)
   if args.json:
     atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
   return 0

@@ -95,7 +95,11 @@ FORS = (("i", "int", "range(`int`)"), ("i", "int", "range(`lit int`, `int`)"),
         ("key, value", "str int", "`dict?`.items()"), ("key", "str", "`dict?`"),
         ("name, count", "str int", "sorted(`dict?`.items(), key=lambda kv: kv[1], reverse=True)"),
         ("row", "ints", "`grid?`"), ("word", "str", "`str?`.split()"),
-        ("a, b", "int int", "zip(`ints?`, `ints?`[1:])"))
+        ("a, b", "int int", "zip(`ints?`, `ints?`[1:])"),
+        ("idx, `one strs?`", "int str", "enumerate(`strs?`)"),
+        ("pos, `one ints?`", "int int", "enumerate(`ints?`)"),
+        ("n, `one strs?`", "int str", "enumerate(sorted(`strs?`), 1)"),
+        ("i", "int", "range(1, len(`strs?`))"), ("step", "int", "range(`int`, -1, -1)"))
 # Names for values of each type; {n} is a noun, {p} its plural, {a} an adjective.
 NAMES = {"int": "count total index size n limit offset {n}_count num_{p} {a}_{n}_id width start",
          "float": "ratio average rate weight threshold {n}_price avg_{n} {a}_score",

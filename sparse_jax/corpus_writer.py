@@ -11,8 +11,14 @@ from __future__ import annotations
 import random
 import re
 
+from sparse_jax import corpus_files, corpus_idioms
 from sparse_jax.corpus_words import (ADJS, EXPRS, FOR_TYPES, HOLE, IMPORTS, NAMES, NEEDS, NOUNS,
                                      SIMPLE, TYPES, UNICODE_WORDS, WORDS, plural, singular)
+
+
+# The idioms that hold a loop or a block, and the idioms' share of all statements (about a third).
+BLOCK_IDIOMS = {"accumulate", "with_open", "copy_files", "other_context"}
+IDIOM_SHARE = 1.0
 
 
 class Writer:
@@ -25,7 +31,8 @@ class Writer:
     self.tab = " " * rng.choice((4, 4, 4, 4, 4, 2))
     self.imports = set(rng.sample(IMPORTS, rng.randint(0, 3)))
     self.consts: set[str] = set()
-    self.funcs: list[tuple[str, list[str], str | None]] = []  # name, arg types, return type
+    # name, arg types, return type, keyword arguments with defaults (name, type)
+    self.funcs: list[tuple[str, list[str], str | None, list[tuple[str, str]]]] = []
     self.classes: list[tuple[str, list[str], list[tuple]]] = []  # name, arg types, methods
 
   def chance(self, p: float) -> bool:
@@ -86,21 +93,43 @@ class Writer:
     return "[" + ", ".join(f"[{row}]" for row in rows) + "]"
 
   def fstring(self, scope: dict[str, str]) -> str:
-    """An f-string whose fields are plain names or len(name): never a quote inside."""
+    """An f-string with one or two fields: names with format specs and conversions, len(),
+    arithmetic, method calls, indexing (with the other quote inside), or a ternary."""
     names = [n for n, t in scope.items() if t in ("int", "float", "str", "bool")]
     sized = [n for n, t in scope.items() if t in ("ints", "strs", "dict", "set")]
+    q = self.quote
+    other = "'" if q == '"' else '"'
+    q, other = (other, q) if self.chance(0.1) else (q, other)  # some files mix quote styles
     parts = []
     for _ in range(self.rng.randint(1, 2)):
-      if sized and self.chance(0.25):
-        field = f"len({self.pick(sized)})"
-      elif names:
-        field = self.pick(names)
-        field += {"float": ":.2f", "str": "!r"}.get(scope[field], "") if self.chance(0.3) else ""
-      else:
-        field = self.int_lit()
+      field = self._fstring_field(scope, names, sized, other)
       word = self.pick(WORDS)
-      parts.append(self.pick(("", f"{word} ", f"{word.capitalize()}: ")) + "{" + field + "}")
-    return "f" + self.str_lit(self.pick((" ", ", ", " - ", "/")).join(parts))
+      parts.append(self.pick(("", f"{word} ", f"{word.capitalize()}: ", f"{word}=")) +
+                   "{" + field + "}")
+    text = self.pick((" ", ", ", " - ", "/", " | ")).join(parts)
+    return "f" + q + text + q
+
+  def _fstring_field(self, scope, names, sized, other) -> str:
+    r = self.rng.random()
+    if sized and r < 0.2:
+      return f"len({self.pick(sized)})"
+    if not names:
+      return self.int_lit()
+    name = self.pick(names)
+    t = scope[name]
+    if r < 0.3 and t in ("int", "float"):
+      return f"{name} {self.pick(('+', '-', '*'))} {self.int_lit()}"
+    if r < 0.38 and t == "str":
+      return f"{name}.{self.pick(('upper', 'lower', 'title', 'strip'))}()"
+    if r < 0.45:
+      dicts = [n for n, nt in scope.items() if nt == "dict"]
+      if dicts:
+        return f"{self.pick(dicts)}[{other}{self.pick(WORDS)}{other}]"
+    if r < 0.5 and t == "bool":
+      return f"{other}yes{other} if {name} else {other}no{other}"
+    spec = {"float": (":.2f", ":.1f", ":.3f", ":.1%"), "int": (":d", ":>5", ":03d", ":,"),
+            "str": ("!r", ":>10", ":<8", "!s"), "bool": ("!r",)}[t]
+    return name + (self.pick(spec) if self.chance(0.35) else "")
 
   # Templates --------------------------------------------------------------------------------
 
@@ -162,8 +191,11 @@ class Writer:
 
   def call(self, t: str | None, scope: dict[str, str], depth: int = 0) -> str:
     """A call of a function defined above that returns t (any function if t is None)."""
-    name, arg_types, _ = self.pick([f for f in self.funcs if t is None or f[2] == t])
-    return f"{name}({', '.join(self.expr(a, scope, depth + 1) for a in arg_types)})"
+    name, arg_types, _, kws = self.pick([f for f in self.funcs if t is None or f[2] == t])
+    args = [self.expr(a, scope, depth + 1) for a in arg_types]
+    # Arguments with defaults are passed by keyword, when at all.
+    args += [f"{k}={self.expr(kt, scope, depth + 1)}" for k, kt in kws if self.chance(0.3)]
+    return f"{name}({', '.join(args)})"
 
   # Statements -------------------------------------------------------------------------------
 
@@ -180,10 +212,17 @@ class Writer:
   def statement(self, scope, depth, loop, ret) -> list[str]:
     nest = (1.0, 1.0, 0.5)[depth] if depth < 3 else 0.0  # keep most code shallow
     kinds = {"assign": 4, "simple": 4, "obj": 0.4 if self.classes else 0, "if": 2 * nest,
-             "for": 2 * nest, "while": 0.5 * nest, "with": 0.5 * nest, "try": 0.5 * nest}
+             "for": 2 * nest, "while": 0.5 * nest, "try": 0.5 * nest}
+    # Multi-statement idioms (corpus_idioms) and files (corpus_files); those with a loop or
+    # block inside thin out with depth like the compound statements above.
+    idioms = {**corpus_idioms.WRITERS, **corpus_files.WRITERS}
+    for name, weight in {**corpus_idioms.WEIGHTS, **corpus_files.WEIGHTS}.items():
+      kinds[name] = weight * (nest if name in BLOCK_IDIOMS else 1.0) * IDIOM_SHARE
     kind = self.rng.choices(list(kinds), weights=list(kinds.values()))[0]
     if kind == "simple":
       lines = [self.expand(self.pick(self.usable(SIMPLE, scope)), scope, 0)]
+    elif kind in idioms:
+      lines = idioms[kind](self, scope, depth, loop, ret)
     else:
       lines = getattr(self, f"_{kind}")(scope, depth, loop, ret)
     if self.chance(0.08):
@@ -214,7 +253,7 @@ class Writer:
     obj = obj if scope.get(obj, "obj") == "obj" else f"my_{obj}"
     lines = [f"{obj} = {cls}({', '.join(self.expr(t, scope, 1) for t in arg_types)})"]
     if methods:
-      name, meth_args, _ = self.pick(methods)
+      name, meth_args = self.pick(methods)[:2]
       lines.append(f"{obj}.{name}({', '.join(self.expr(t, scope, 1) for t in meth_args)})")
     scope[obj] = "obj"
     return lines
@@ -254,27 +293,6 @@ class Writer:
           self.block({**scope, singular(items): "int"}, depth + 1, True, ret)
     return ["while True:"] + self.block(scope, depth + 1, True, ret) + \
         self.indent([f"if {self.cond(scope)}:", self.tab + "break"])
-
-  def _with(self, scope, depth, loop, ret):
-    path = self.var("str", scope) or self.str_lit(f"{self.pick(WORDS)}.{self.pick(('txt', 'csv'))}")
-    enc = ", encoding=" + self.str_lit("utf-8") if self.chance(0.3) else ""
-    mode = "" if self.chance(0.5) else ", " + self.str_lit(self.pick(("w", "a")))
-    lines = [f"with open({path}{mode}{enc}) as f:"]
-    strs, counts = self.var("strs", scope), self.var("dict", scope)
-    if not mode:
-      body, binds = self.pick(((["text = f.read()"], {"text": "str"}),
-                               (["lines = f.readlines()"], {"lines": "strs"}),
-                               (["for line in f:", self.tab + "line = line.strip()"],
-                                {"line": "str"})))
-      if len(body) == 1:
-        return lines + self.indent(body) + self.block({**scope, **binds}, depth + 1, loop, ret)
-      return lines + self.indent(body + self.block({**scope, **binds}, depth + 2, True, ret))
-    if strs and self.chance(0.5):
-      newline = self.str_lit(chr(92) + "n")
-      return lines + self.indent([f"for line in {strs}:", f"{self.tab}f.write(line + {newline})"])
-    if counts and "import json" in self.imports:
-      return lines + self.indent([f"json.dump({counts}, f, indent=2)"])
-    return lines + self.indent([f"f.write({self.expr('str', scope, 1)})"])
 
   def _try(self, scope, depth, loop, ret):
     lines = ["try:"] + self.block(scope, depth + 1, loop, ret)

@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from sparse_jax import corpus, corpus_gen, data
 from sparse_jax.config import Config, DataConfig, ModelConfig, TrainConfig
+from sparse_jax.task_generators import TASKS
 
 CODE = [
     "def add(a, b=2):\n    return a + b\n",
@@ -319,5 +322,38 @@ def test_generated_corpus_is_valid_varied_and_deterministic():
   text = "".join(docs)
   for idiom in ("def __init__(self", "self.", "for i, ", "enumerate(", "zip(", "range(",
                 "while ", "elif ", " if ", "else:", "lambda ", "with open(", "try:", "except ",
-                "f\"", "f'", "+= ", "return ", "import ", "# ", "class ", "[[", "{", "'", '"'):
+                "f\"", "f'", "+= ", "return ", "import ", "# ", "class ", "[[", "{", "'", '"',
+                "= set()", ".add(", "yield ", "@property", "@dataclass", "super().__init__(",
+                "*args", "**kwargs", "finally:", " as fh:", "open(", ".close()", "[\n",
+                "{\n", ":.2f}", "=True", "any(", "return True", "return False"):
     assert idiom in text, idiom
+  assert re.search(r"\b(\w+), (\w+) = \2, \1\b", text)  # a swap
+  assert re.search(r"with open\(\w+, [\"']w[\"']\) as \w+:", text)
+
+
+# The stream `tasks.sample_task` draws each task's pairs from is keyed by (seed, task name);
+# training-time evaluation and circuit search use seed 0 (train.seed, circuit.seed).
+RAW_PAIRS = 300  # > the 256 pairs per task of the cpu preset's circuit search, plus rejects
+MIN_PROMPT_CHARS = 20
+
+
+def test_generated_corpus_never_contains_a_task_prompt():
+  """No task prompt (any pair the train or test split can hold, of the 20 paper tasks and the
+  induction control) occurs verbatim in a sample of the corpus. Prompts shorter than
+  MIN_PROMPT_CHARS are fragments every Python file has (`for i in`, `if path`, `a, b = b,`)
+  and are not checked; they are 2% of prompts or fewer in every task."""
+  text = "\0".join(corpus_gen.generate_corpus(300, corpus.SIMPLE_SEED))
+  # Every window of MIN_PROMPT_CHARS: a prompt can only occur where its start does.
+  starts = {text[i:i + MIN_PROMPT_CHARS] for i in range(len(text) - MIN_PROMPT_CHARS + 1)}
+  for name, spec in TASKS.items():
+    rng = np.random.default_rng([0, zlib.crc32(name.encode())])  # as sample_task draws
+    checked, leaked = 0, []
+    for _ in range(RAW_PAIRS):
+      pair = spec.generate(rng)
+      for prompt in (pair.prompt_a.rstrip(), pair.prompt_b.rstrip()):
+        if len(prompt) >= MIN_PROMPT_CHARS:
+          checked += 1
+          if prompt[:MIN_PROMPT_CHARS] in starts and prompt in text:
+            leaked.append(prompt)
+    assert checked >= 0.95 * 2 * RAW_PAIRS, (name, checked)
+    assert not leaked, (name, leaked[:3])

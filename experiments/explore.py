@@ -5,7 +5,7 @@
 
 Reads the circuit JSONs in --circuits (default RUN/circuits; the checkpoint step is taken
 from its summary.json unless --step is given), the run's params, tokenizer and mean
-activations (RUN/means_<step>.npz if there, else computed in memory), held-out pretraining
+activations (prune's RUN/means_<step>_<key>.npz if there, else computed in memory), held-out pretraining
 text (the run's validation stream) and each task's held-out pairs (rebuilt with the settings
 in the circuit record, so they are the pairs the circuit was checked on). Writes into --out
 (default RUN/explore): index.html, one <task>.html per solved circuit (opens offline; see
@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from experiments import cli
+from experiments import prune as prune_lib
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import circuits as circuits_lib
 from sparse_jax import data as data_lib
@@ -70,21 +71,25 @@ def explore_run(workdir, *, circuits_dir=None, out=None, step=None, text_rows: i
   out = Path(out) if out else workdir / "explore"
   records = _load_circuits(circuits_dir)
   summary_path = circuits_dir / "summary.json"
-  if step is None and summary_path.exists():
-    step = json.loads(summary_path.read_text()).get("step")
+  summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+  if step is None:
+    step = summary.get("step")
   cfg, params, step = ckpt_lib.load_params(workdir, step)
+  # The means the search ablated with: its own mean_batches, which --set may have changed.
+  ccfg = dataclasses.replace(cfg.circuit, mean_batches=summary.get(
+      "circuit_config", {}).get("mean_batches", cfg.circuit.mean_batches))
   tokenizer = data_lib.load_tokenizer(workdir)
   pieces = explain.vocab_pieces(tokenizer)
   dataset = data_lib.prepare_data(cfg)
   B, L = cfg.train.batch_size, cfg.train.seq_len
   text_RxL = dataset.val_batches(-(-text_rows // B), B, L)[:, :, :-1].reshape(-1, L)[:text_rows]
   text = explain.TokenStream(text_RxL, np.ones(text_RxL.shape, bool), pieces)
-  means_path = workdir / f"means_{step}.npz"
+  means_path = prune_lib.means_path(workdir, step, cfg, ccfg)
   if means_path.exists():
     means = masks.load_means(str(means_path), cfg.model)
   else:  # computed, not cached: the run directory may not be ours to write into
     means = masks.compute_means(params, cfg.model, dataset.val_batches(
-        cfg.circuit.mean_batches, B, L)[:, :, :-1])
+        ccfg.mean_batches, B, L)[:, :, :-1])
   explainer = explainer or explain.FeatureExplainer()
   out.mkdir(parents=True, exist_ok=True)
   rows, explanations = [], {}

@@ -181,3 +181,32 @@ if __name__ == "__main__":
       drv.find_element(By.TAG_NAME, "body").screenshot(out_png)
     finally:
       drv.quit()
+
+
+@pytest.mark.slow  # trains and prunes a tiny model: ~1 minute of CPU
+def test_explore_run_uses_the_means_prune_ablated_with(tmp_path, monkeypatch):
+  """The explorer scores nodes against the very mean activations the circuit search used:
+  prune's cache (keyed by the data and circuit.mean_batches), never a stale or other file."""
+  import dataclasses
+  from experiments import explore as explore_cli
+  from experiments import presets
+  from experiments import prune as prune_lib
+  from sparse_jax import train as train_lib
+  from sparse_jax.config import apply_overrides
+  cfg = apply_overrides(presets.get_config("tiny"), ["train.steps=12", "train.eval_every=12",
+                                                     "train.ckpt_every=12",
+                                                     "train.task_eval_pairs=0"])
+  workdir = tmp_path / "run"
+  train_lib.train(cfg, workdir, progress=False)
+  ccfg = dataclasses.replace(cfg.circuit, steps=5, mean_batches=3, target_loss=10.0)
+  prune_lib.prune(workdir, task_names=["single_double_quote"], circuit_cfg=ccfg,
+                  out=tmp_path / "circuits", progress=False)
+  cached = list(workdir.glob("means_12_*.npz"))
+  assert len(cached) == 1 and cached[0] == prune_lib.means_path(workdir, 12, cfg, ccfg)
+
+  def no_recompute(*args, **kwargs):
+    raise AssertionError("the explorer recomputed means that prune had cached")
+  monkeypatch.setattr(masks, "compute_means", no_recompute)
+  rows = explore_cli.explore_run(workdir, circuits_dir=tmp_path / "circuits",
+                                 out=tmp_path / "explore", text_rows=8)
+  assert set(rows) == {"single_double_quote"}

@@ -1,6 +1,7 @@
 """Speed figures as JSON, each a ratio against a baseline measured in the same run.
 
   python -m experiments.bench [--preset cpu] [--only optimizer,train_step,circuits]
+  python -m experiments.bench --only peer_config   # issue 12's config, not in the default
 
 - optimizer: one full optimiser update (grad RMS norm, Adam, decay, LR) with and without the
   exact-L0 projection on the same model and gradients (goal: projection does not dominate).
@@ -8,6 +9,11 @@
   the same model trained dense (goal: sparse/dense <= 1.10), with tokens/s for both.
 - circuits: mask training for 20 tasks as one vmapped program vs a Python loop over tasks
   (goal: >= 5x).
+- peer_config: issue 12's model (4 layers, d_model 128, 8 heads of 16, d_mlp 512, vocab 2048,
+  context 128, batch 32, bigram on, density 1/16; `--preset`/`--set` are ignored), sparse
+  with and without AbsTopK 1/4 at all eight sites and dense: tokens/s, achieved GFLOP/s and
+  the fraction of a matmul bound measured in the same run (plain fp32 matmuls of the step's
+  shapes), plus the AbsTopK/no-AbsTopK and sparse/dense step ratios.
 Timings alternate between the two variants and report medians, since the machine is shared.
 """
 
@@ -34,19 +40,25 @@ from sparse_jax import train as train_lib
 from sparse_jax.config import Config, apply_overrides
 
 
-SECTIONS = ("optimizer", "train_step", "circuits")
+SECTIONS = ("optimizer", "train_step", "circuits", "peer_config")
 
 
 def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int):
   """Median seconds of fn_a and fn_b, interleaved; each fn must block until done."""
-  fn_a(), fn_b()  # compile / warm up
-  times_a, times_b = [], []
+  return tuple(time_interleaved([fn_a, fn_b], repeats))
+
+
+def time_interleaved(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+  """Median seconds of each fn, run in turn `repeats` times; each fn must block until done."""
+  for fn in fns:
+    fn()  # compile / warm up
+  times = [[] for _ in fns]
   for _ in range(repeats):
-    for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+    for fn, fn_times in zip(fns, times):
       t0 = time.perf_counter()
       fn()
-      times.append(time.perf_counter() - t0)
-  return statistics.median(times_a), statistics.median(times_b)
+      fn_times.append(time.perf_counter() - t0)
+  return [statistics.median(t) for t in times]
 
 
 def bench_optimizer(cfg: Config, repeats: int) -> dict:
@@ -74,31 +86,119 @@ def bench_optimizer(cfg: Config, repeats: int) -> dict:
           "ratio_with_over_without": t_proj / t_plain}
 
 
+def _step_runner(c: Config, batch: jax.Array, mesh) -> Callable[[], None]:
+  """One jitted train step of config c, its state carried from call to call."""
+  opt = train_lib.make_optimizer(c)
+  step = train_lib.make_train_step(c, opt, mesh)
+  holder = [train_lib.init_state(c, opt, mesh)]
+
+  def run():
+    holder[0], metrics = step(holder[0], batch)
+    jax.block_until_ready(metrics["loss"])
+
+  return run
+
+
+def _random_batch(cfg: Config, mesh) -> jax.Array:
+  tc = cfg.train
+  rng = np.random.default_rng(0)
+  return train_lib.shard_batch(
+      rng.integers(0, cfg.model.vocab_size, (tc.batch_size, tc.seq_len + 1), dtype=np.int32),
+      mesh)
+
+
+def _dense(cfg: Config) -> Config:
+  return dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, enabled=False))
+
+
 def bench_train_step(cfg: Config, repeats: int) -> dict:
   mesh = train_lib.make_mesh()
   tc = cfg.train
-  rng = np.random.default_rng(0)
-  batch = train_lib.shard_batch(
-      rng.integers(0, cfg.model.vocab_size, (tc.batch_size, tc.seq_len + 1), dtype=np.int32),
-      mesh)
-  dense_cfg = dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, enabled=False))
-
-  def runner(c: Config):
-    opt = train_lib.make_optimizer(c)
-    step = train_lib.make_train_step(c, opt, mesh)
-    holder = [train_lib.init_state(c, opt, mesh)]
-
-    def run():
-      holder[0], metrics = step(holder[0], batch)
-      jax.block_until_ready(metrics["loss"])
-
-    return run
-
-  t_sparse, t_dense = time_pair(runner(cfg), runner(dense_cfg), repeats)
+  batch = _random_batch(cfg, mesh)
+  t_sparse, t_dense = time_pair(_step_runner(cfg, batch, mesh),
+                                _step_runner(_dense(cfg), batch, mesh), repeats)
   tokens = tc.batch_size * tc.seq_len
   return {"tokens_per_step": tokens, "sparse_step_ms": 1e3 * t_sparse,
           "dense_step_ms": 1e3 * t_dense, "sparse_tokens_per_s": tokens / t_sparse,
           "dense_tokens_per_s": tokens / t_dense, "ratio_sparse_over_dense": t_sparse / t_dense}
+
+
+# Issue 12's side-by-side config against the authors' PyTorch trainer, on top of `cpu`.
+PEER_OVERRIDES = ("model.n_layer=4", "model.d_model=128", "model.n_head=8", "model.d_head=16",
+                  "model.d_mlp=512", "model.vocab_size=2048", "model.block_size=128",
+                  "model.enable_bigram_table=true", "model.afrac=none",
+                  "sparsity.weight_density=0.0625", "train.batch_size=32", "train.seq_len=128")
+
+
+def step_matmul_flops(cfg: Config) -> tuple[int, int]:
+  """(weight-matmul FLOPs, attention-matmul FLOPs) of one train step: forward + backward.
+
+  Weight matmuls: 2 FLOPs per multiply-add, 3 matmuls per weight (forward, input grad,
+  weight grad) = 6 x params x tokens, over c_attn, c_proj, c_fc, c_proj and lm_head.
+  Attention: q k^T and p v, each 2 x B x H x L^2 x K, times 3 for the backward.
+  """
+  m, tc = cfg.model, cfg.train
+  tokens = tc.batch_size * tc.seq_len
+  weights = m.n_layer * (m.d_model * 3 * m.d_attn + m.d_attn * m.d_model
+                         + 2 * m.d_model * m.d_mlp) + m.d_model * m.vocab_size
+  attention = m.n_layer * 3 * 2 * (2 * tc.batch_size * m.n_head * tc.seq_len**2 * m.d_head)
+  return 6 * weights * tokens, attention
+
+
+def _matmul_bound_runner(cfg: Config) -> Callable[[], None]:
+  """Plain fp32 matmuls of one step's shapes (forward, input grad, weight grad of every
+  weight; both attention products and their grads), nothing else."""
+  m, tc = cfg.model, cfg.train
+  N, B, L, H, K = tc.batch_size * tc.seq_len, tc.batch_size, tc.seq_len, m.n_head, m.d_head
+  shapes = [(m.d_model, 3 * m.d_attn), (m.d_attn, m.d_model), (m.d_model, m.d_mlp),
+            (m.d_mlp, m.d_model)] * m.n_layer + [(m.d_model, m.vocab_size)]
+  keys = iter(jax.random.split(jax.random.PRNGKey(0), 3 * len(shapes) + 6 * m.n_layer))
+  operands = [(jax.random.normal(next(keys), (N, i)), jax.random.normal(next(keys), (i, o)),
+               jax.random.normal(next(keys), (N, o))) for i, o in shapes]
+  # Two (q, k, p) sets per layer: each attention product runs 3 times (forward and two
+  # grads) per layer on distinct operands, so that XLA cannot merge them.
+  attention = [tuple(jax.random.normal(next(keys), shape)
+                     for shape in ((B, H, L, K), (B, H, L, K), (B, H, L, L)))
+               for _ in range(2 * m.n_layer)]
+
+  @jax.jit
+  def matmuls(operands, attention):
+    out = []
+    for x_NxI, w_IxO, g_NxO in operands:
+      out += [x_NxI @ w_IxO, g_NxO @ w_IxO.T, x_NxI.T @ g_NxO]
+    for q_BxHxLxK, k_BxHxLxK, p_BxHxLxL in attention:
+      out += [jnp.einsum("bhlk,bhmk->bhlm", q_BxHxLxK, k_BxHxLxK),
+              jnp.einsum("bhlm,bhmk->bhlk", p_BxHxLxL, k_BxHxLxK),
+              jnp.einsum("bhlm,bhlk->bhmk", p_BxHxLxL, q_BxHxLxK)]
+    return out
+
+  return lambda: jax.block_until_ready(matmuls(operands, attention))
+
+
+def bench_peer_config(repeats: int) -> dict:
+  """Issue 12's config: sparse with and without AbsTopK, dense, and the matmul bound."""
+  base = apply_overrides(presets.get_config("cpu"), list(PEER_OVERRIDES))
+  abstopk = dataclasses.replace(base, model=dataclasses.replace(base.model, afrac=0.25))
+  mesh = train_lib.make_mesh()
+  batch = _random_batch(base, mesh)
+  t_sparse, t_abstopk, t_dense, t_matmul = time_interleaved(
+      [_step_runner(base, batch, mesh), _step_runner(abstopk, batch, mesh),
+       _step_runner(_dense(base), batch, mesh), _matmul_bound_runner(base)], repeats)
+  weight_flops, attention_flops = step_matmul_flops(base)
+  flops = weight_flops + attention_flops
+  tokens = base.train.batch_size * base.train.seq_len
+  bound = flops / t_matmul
+
+  def figures(t):
+    return {"step_ms": 1e3 * t, "tokens_per_s": tokens / t, "gflop_per_s": flops / t / 1e9,
+            "fraction_of_matmul_bound": flops / t / bound}
+
+  return {"overrides": list(PEER_OVERRIDES), "tokens_per_step": tokens,
+          "step_gflop": flops / 1e9, "attention_gflop": attention_flops / 1e9,
+          "matmul_bound_gflop_per_s": bound / 1e9, "matmul_bound_step_ms": 1e3 * t_matmul,
+          "sparse": figures(t_sparse), "sparse_abstopk": figures(t_abstopk),
+          "dense": figures(t_dense), "ratio_abstopk_over_no_abstopk": t_abstopk / t_sparse,
+          "ratio_sparse_over_dense": t_sparse / t_dense}
 
 
 @cli.command
@@ -128,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
   if "circuits" in sections:
     from experiments import bench_circuits  # pylint: disable=import-outside-toplevel
     out["circuits"] = bench_circuits.bench_circuit_search(n_tasks=20, steps=10)
+  if "peer_config" in sections:
+    out["peer_config"] = bench_peer_config(args.repeats)
   json.dump(out, sys.stdout, indent=2)
   print()
   return 0

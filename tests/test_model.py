@@ -97,6 +97,38 @@ def test_abs_topk_gradient_flows_to_kept_only():
   np.testing.assert_array_equal(g, [[1.0, 0.0, 0.0, 4.0]])
 
 
+@pytest.mark.parametrize("block_elems", [None, 3 * 40, 40])
+def test_abs_topk_blocked_keeps_k_largest_ties_to_lowest_index(monkeypatch, block_elems):
+  """The CPU's row-blocked bisection (rows not a multiple of the block) and the all-rows one
+  both keep exactly the first k of a stable sort by -|x|."""
+  if block_elems is None:
+    monkeypatch.setattr(model_lib, "rows_per_block", lambda width: None)
+  else:
+    monkeypatch.setattr(model_lib, "_CPU_BLOCK_ELEMS", block_elems)
+    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "cpu")
+  rng = np.random.default_rng(0)
+  x_BxLxC = np.round(2 * rng.normal(size=(7, 1, 40))).astype(np.float32)  # many ties, zeros
+  x_BxLxC[0, 0, :] = np.float32(1.5)  # a row of equal magnitudes: keeps indices 0..k-1
+  k = 10
+  out = np.asarray(jax.jit(model_lib.abs_topk, static_argnums=1)(jnp.asarray(x_BxLxC), k))
+  order = np.argsort(-np.abs(x_BxLxC), axis=-1, kind="stable")[..., :k]
+  expect = np.zeros_like(x_BxLxC)
+  np.put_along_axis(expect, order, np.take_along_axis(x_BxLxC, order, -1), -1)
+  np.testing.assert_array_equal(out, expect)
+
+
+def test_next_token_loss_is_mean_cross_entropy(tiny_model_cfg):
+  cfg = _full_cfg(tiny_model_cfg)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(8))
+  tokens = jax.random.randint(jax.random.PRNGKey(9), (3, 11), 0, cfg.vocab_size)
+  logits = np.asarray(model_lib.forward(params, tokens[:, :-1], cfg), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  expect = -np.take_along_axis(logp, np.asarray(tokens)[:, 1:, None], -1).mean()
+  loss = jax.jit(lambda p, t: model_lib.next_token_loss(p, t, cfg))(params, tokens)
+  np.testing.assert_allclose(float(loss), expect, rtol=1e-6)
+
+
 def test_all_ones_masks_reproduce_plain_forward_exactly(tiny_model_cfg):
   cfg = _full_cfg(tiny_model_cfg)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(5))

@@ -1,0 +1,22 @@
+"""Bench helpers: the peer config's FLOP count and the interleaved timer (no timings asserted)."""
+
+from experiments import bench
+from experiments import presets
+from sparse_jax.config import apply_overrides
+
+
+def test_peer_config_step_flops_match_issue_12():
+  cfg = apply_overrides(presets.get_config("cpu"), list(bench.PEER_OVERRIDES))
+  weights, attention = bench.step_matmul_flops(cfg)
+  # 1.05M matmul params: 4 x (128*384 + 128*128 + 2*128*512) + 128*2048 = 1,048,576.
+  assert weights == 6 * 1_048_576 * 4096
+  # 4 layers x 3 (forward + 2 grads) x 2 products x 2 x B*H*L^2*K.
+  assert attention == 4 * 3 * 2 * 2 * 32 * 8 * 128 * 128 * 16
+  assert (cfg.model.n_layer, cfg.train.batch_size, cfg.model.afrac) == (4, 32, None)
+
+
+def test_time_interleaved_runs_each_fn_warmup_plus_repeats_in_turn():
+  calls = []
+  medians = bench.time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 3)
+  assert calls == ["a", "b"] * 4
+  assert len(medians) == 2 and all(m >= 0 for m in medians)

@@ -144,11 +144,15 @@ def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing:
         "edges linear in loss) between the two checkpoints bracketing the sparse loss, over "
         "the tasks all three solve. Such a checkpoint is a dense model stopped early, at a "
         "high learning rate, not a fully annealed one as in the paper's sweep.", "",
-        "**Headline: dense/sparse circuit size = "
-        f"{_fmt(best['ratio_dense_over_sparse'], '.1f')}x** ({best['dense']} vs "
-        f"{best['sparse']}, val loss {best['val_loss_dense']:.3f} vs "
-        f"{best['val_loss_sparse']:.3f}, over the {len(best['shared_tasks'])} tasks both "
-        f"solve: {', '.join(best['shared_tasks'])}){at}.", "",
+        ("**Headline: dense/sparse circuit size = "
+         f"{_fmt(best['ratio_dense_over_sparse'], '.1f')}x** ({best['dense']} vs "
+         f"{best['sparse']}, val loss {best['val_loss_dense']:.3f} vs "
+         f"{best['val_loss_sparse']:.3f}, over the {len(best['shared_tasks'])} tasks both "
+         f"solve: {', '.join(best['shared_tasks'])}){at}." if best["shared_tasks"] else
+         "**Headline: no dense/sparse circuit size**: the closest-matched pair "
+         f"({best['dense']} vs {best['sparse']}, val loss {best['val_loss_dense']:.3f} vs "
+         f"{best['val_loss_sparse']:.3f}) solves no paper task in common at any target."),
+        "",
         "| target | sparse | dense | val loss gap | shared tasks | failed sparse | failed dense "
         "| edges sparse | edges dense | ratio | interpolated ratio (tasks) |",
         "|---|---|---|---|---|---|---|---|---|---|---|"]

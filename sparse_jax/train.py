@@ -18,6 +18,8 @@ import dataclasses
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -244,8 +246,11 @@ def _train(cfg: Config, workdir: Path, progress: bool, objective: Objective) -> 
              disable=not progress or jax.process_index() != 0)
   pending = None  # (step, metrics on device): pulled one step late, so dispatch never waits
   t_last, tokens_since = time.perf_counter(), 0
+  interrupted, restore_sigint = _defer_sigint()
   try:
     for s in range(start + 1, tc.steps + 1):
+      if interrupted.is_set():
+        raise KeyboardInterrupt
       batch = shard_batch(dataset.train_batch(tc.seed, s, tc.batch_size, tc.seq_len), mesh)
       state, metrics = step_fn(state, batch, frozen)
       tokens_since += tc.batch_size * tc.seq_len
@@ -282,7 +287,21 @@ def _train(cfg: Config, workdir: Path, progress: bool, objective: Objective) -> 
     finally:
       manager.close()
       log.close()
+      restore_sigint()
+  if interrupted.is_set():  # Ctrl-C during the last step or the final save: it is finished
+    raise KeyboardInterrupt
   return state
+
+
+def _defer_sigint() -> tuple[threading.Event, Callable[[], None]]:
+  """(flag, restore): Ctrl-C only sets the flag, which the loop turns into KeyboardInterrupt
+  between steps. Raised anywhere else, it could land inside orbax's background save or its
+  asyncio loop and exit with a traceback (or status 1) instead of the one error line."""
+  flag = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    return flag, lambda: None
+  previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
+  return flag, lambda: signal.signal(signal.SIGINT, previous)
 
 
 def validation_loss(params, cfg: Config, dataset) -> float:

@@ -112,19 +112,26 @@ def train_bridges(dense: str | Path, workdir: str | Path, *, preset: str | None 
                                  [o for o in overrides if o.startswith("bridge.")])
   _check_or_write_meta(workdir, {"dense_run": str(Path(dense).absolute()),
                                  "dense_step": dense_step, "bridge": dataclasses.asdict(bcfg)})
-  objective = bridges.objective(cfg, dense_cfg.model, dense_params, bcfg)
-  state = train_lib.train(cfg, workdir, progress=progress, objective=objective)
-  return evaluate_run(workdir, cfg, dense_cfg, dense_params, bcfg, state)
+  # Both models must read the same token ids: the sparse one uses the dense run's tokenizer
+  # (the corpus's BPE may since have changed with the corpus).
+  tokenizer = data_lib.load_tokenizer(dense)
+  # The bridges' rho constants come from the first validation batch (data the run never trains on).
+  reference_BxL = jnp.asarray(_val_batches(cfg, tokenizer)[0, :, :-1])
+  objective = bridges.objective(cfg, dense_cfg.model, dense_params, bcfg, reference_BxL)
+  state = train_lib.train(cfg, workdir, progress=progress, objective=objective,
+                          tokenizer=tokenizer)
+  return evaluate_run(workdir, cfg, dense_cfg, dense_params, bcfg, state, tokenizer)
 
 
-def _val_batches(cfg: Config) -> np.ndarray:
-  dataset = data_lib.prepare_data(cfg, progress=False)
+def _val_batches(cfg: Config, tokenizer) -> np.ndarray:
+  dataset = data_lib.prepare_data(cfg, progress=False, tokenizer=tokenizer)
   return dataset.val_batches(cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
 
 
-def evaluate_run(workdir: Path, cfg: Config, dense_cfg: Config, dense_params, bcfg, state) -> dict:
-  metrics = bridges.evaluate(state.params, dense_params, _val_batches(cfg), cfg.model,
-                             dense_cfg.model, bcfg)
+def evaluate_run(workdir: Path, cfg: Config, dense_cfg: Config, dense_params, bcfg, state,
+                 tokenizer) -> dict:
+  metrics = bridges.evaluate(state.params, dense_params, _val_batches(cfg, tokenizer),
+                             cfg.model, dense_cfg.model, bcfg)
   out = {"step": int(state.step), "metrics": metrics}
   fileio.atomic_write_text(workdir / EVAL_FILE, json.dumps(out, indent=2))
   return out
@@ -221,11 +228,12 @@ def steer(workdir: str | Path, task: str, channel: str | None = None, *, n_pairs
   tokens_Px2xL = jnp.asarray(np.asarray(arrays.tokens_Px2xL)[aligned_P])
   pos_P = jnp.asarray(last_Px2[aligned_P, 0])
   tok_P, alt_P = (jnp.asarray(np.asarray(a)[aligned_P]) for a in (arrays.tok_P, arrays.alt_P))
-  ref = _val_batches(cfg)[:, :, :-1]
-  rms_d = bridges.mean_rms(dense_params, ref, dense_cfg.model, j)
-  rms_s = bridges.mean_rms(params, ref, cfg.model, j)
+  # The scale is the bridge's own (its rho constants); today's RMS is reported beside it.
+  ref = jnp.asarray(_val_batches(cfg, tokenizer)[:, :, :-1])
+  rms_d = float(np.mean([bridges.mean_rms_S(dense_params, b, dense_cfg.model)[j] for b in ref]))
+  rms_s = float(np.mean([bridges.mean_rms_S(params, b, cfg.model)[j] for b in ref]))
   add_PxLxD = bridges.steering_direction(params, cfg.model, tokens_Px2xL[:, 0],
-                                         tokens_Px2xL[:, 1], j, c, rms_d / rms_s)
+                                         tokens_Px2xL[:, 1], j, c)
   # Op by op, not jitted: strength 0 then gives the plain dense model's logits bit for bit.
   steered = lambda s: jax.nn.softmax(bridges.steered_logits(  # noqa: E731
       dense_params, dense_cfg.model, tokens_Px2xL[:, 0], j, add_PxLxD, s, pos_P), axis=-1)
@@ -239,7 +247,9 @@ def steer(workdir: str | Path, task: str, channel: str | None = None, *, n_pairs
                                             positions_B=pos_P), axis=-1)
   out = {"task": task, "channel": channel, "sublayer": bridges.site_name(j), "choice": choice,
          "pairs": int(aligned_P.sum()), "pairs_dropped_unaligned": int((~aligned_P).sum()),
-         "rms_dense": rms_d, "rms_sparse": rms_s,
+         "rho_dense": float(params["bridges"]["rms"]["dense"][j]),
+         "rho_sparse": float(params["bridges"]["rms"]["sparse"][j]),
+         "rms_dense_now": rms_d, "rms_sparse_now": rms_s,
          "tok": tokenizer.decode([int(tok_P[0])]), "alt": tokenizer.decode([int(alt_P[0])]),
          "dense_on_counterfactual": {"p_tok": float(jnp.mean(cf_PxV[rows_P, tok_P])),
                                      "p_alt": float(jnp.mean(cf_PxV[rows_P, alt_P]))},

@@ -3,8 +3,17 @@
 A bridge sits at every sublayer j (before each attention and each MLP: j = 2 * layer for
 attention, 2 * layer + 1 for the MLP, named "LAYER.attn" / "LAYER.mlp") and maps between the
 two models' pre-RMSNorm residuals there (h^d_j of width Dd, h^s_j of width Ds):
-  encoder f_j(h^d) = AbsTopK(h^d @ enc_w[j] + enc_b[j])   dense -> sparse
-  decoder g_j(h^s) = h^s @ dec_w[j] + dec_b[j]             sparse -> dense
+  encoder f_j(h^d) = rho^s_j * AbsTopK((h^d / rho^d_j) @ enc_w[j] + enc_b[j])   dense -> sparse
+  decoder g_j(h^s) = rho^d_j * ((h^s / rho^s_j) @ dec_w[j] + dec_b[j])          sparse -> dense
+rho^d_j, rho^s_j are fixed scalars: each model's mean per-token residual RMS at j on a
+reference batch, measured when the bridges are initialised (the dense model is frozen, so its
+rho is exact throughout; the sparse model's is its value at initialisation). They are why
+the bridges can learn at all: at `cpu` scale the dense residual is ~800x the sparse one at
+layer 1, so unscaled maps need weights of ~1e-3 (encoder) and ~50 (decoder), and Adam, which
+moves every weight by about the learning rate per step, drowns the first in noise and takes
+thousands of steps to grow the second (docs/bridges.md measured both). Scaled, the bridge
+weights have the model weights' O(1/sqrt(fan_in)) scale, the maps stay linear (AbsTopK
+aside), and the steering scale below, the paper's RMS ratio, is exactly the decoder's.
 A sparse model and its bridges are trained together against a frozen dense model (y^d its
 next-token distribution) on
   ce      * CE(sparse model)
@@ -23,16 +32,20 @@ NMSE normaliser ("token": per-token fraction of variance unexplained, ||pred - t
 model is always frozen: it is passed to the loss as a fixed input, never trained.
 
 Params: the sparse model's params dict plus "bridges" = {"enc": {"w" [S,Dd,Ds], "b" [S,Ds]},
-"dec": {"w" [S,Ds,Dd], "b" [S,Dd]}} (S = 2 n_layer), so `checkpoint.load_params` reads a
+"dec": {"w" [S,Ds,Dd], "b" [S,Dd]}, "rms": {"dense" [S], "sparse" [S]}} (S = 2 n_layer), so `checkpoint.load_params` reads a
 bridge run's sparse model like any run's, `model.forward` ignores the bridges, and the
-project's optax chain trains both (sparsity.RULES: bridges are dense and weight-decayed; the
-model keeps its exact-L0 projection).
+project's optax chain trains both (sparsity.RULES: bridge maps are dense and weight-decayed, the
+rho constants are read through stop_gradient and never decayed, so they never move; the model
+keeps its exact-L0 projection).
 
-Steering (Fig 9, A.4): for a sparse residual-read channel c at sublayer j (site
-"LAYER.attn.act_in" or "LAYER.mlp.act_in"), delta_BxL = act(counterfactual) - act(presented)
-at every token; the dense residual at sublayer j gets
-  strength * (rms_dense_j / rms_sparse_j) * delta_BxL[..., None] * dec_w[j, c]
-where rms_*_j are the mean per-token RMS of each model's residual at j on reference text.
+Steering (Fig 9, A.4): for the sparse residual channel c read at sublayer j (by
+"LAYER.attn.act_in" or "LAYER.mlp.act_in"), delta_BxL = h^s_j[c](counterfactual) -
+h^s_j[c](presented) at every token; the dense residual at sublayer j gets
+  strength * (rho^d_j / rho^s_j) * delta_BxL[..., None] * dec_w[j, c]
+which is g_j(h^s + delta e_c) - g_j(h^s): the decoder's image of the channel's change, and
+the paper's "outer product with the channel's bridge row, scaled by the ratio of mean
+residual RMS (dense/sparse) on a reference set". delta is taken on the pre-norm residual (the
+read's input) rather than on the post-norm read: the decoder maps pre-norm residuals.
 """
 
 from __future__ import annotations
@@ -116,22 +129,40 @@ def check_pair(dense: ModelConfig, sparse: ModelConfig) -> None:
 
 
 def init_bridges(dense: ModelConfig, sparse: ModelConfig, bcfg: BridgeConfig,
-                 key: jax.Array) -> dict[str, Any]:
+                 key: jax.Array, rms_dense_S=None, rms_sparse_S=None) -> dict[str, Any]:
+  """Fresh bridges; the rho constants default to 1 (unscaled maps)."""
   S, Dd, Ds = model_lib.n_sublayers(sparse), dense.d_model, sparse.d_model
   k_enc, k_dec = jax.random.split(key)
   std_enc = bcfg.init_std or 1 / np.sqrt(Dd)
   std_dec = bcfg.init_std or 1 / np.sqrt(Ds)
+  ones = jnp.ones((S,), jnp.float32)
   return {"enc": {"w": std_enc * jax.random.normal(k_enc, (S, Dd, Ds)), "b": jnp.zeros((S, Ds))},
-          "dec": {"w": std_dec * jax.random.normal(k_dec, (S, Ds, Dd)), "b": jnp.zeros((S, Dd))}}
+          "dec": {"w": std_dec * jax.random.normal(k_dec, (S, Ds, Dd)), "b": jnp.zeros((S, Dd))},
+          "rms": {"dense": ones if rms_dense_S is None else jnp.asarray(rms_dense_S, jnp.float32),
+                  "sparse": ones if rms_sparse_S is None else jnp.asarray(rms_sparse_S,
+                                                                          jnp.float32)}}
+
+
+def _rho(bridges, j: int) -> tuple[jax.Array, jax.Array]:
+  rms = jax.lax.stop_gradient(bridges["rms"])  # constants: never trained
+  return rms["dense"][j], rms["sparse"][j]
 
 
 def encode(bridges, j: int, h_BxLxDd: jax.Array, bcfg: BridgeConfig) -> jax.Array:
-  x_BxLxDs = h_BxLxDd @ bridges["enc"]["w"][j] + bridges["enc"]["b"][j]
-  return model_lib.abs_topk(x_BxLxDs, max(1, int(bcfg.enc_afrac * x_BxLxDs.shape[-1])))
+  rho_d, rho_s = _rho(bridges, j)
+  x_BxLxDs = (h_BxLxDd / rho_d) @ bridges["enc"]["w"][j] + bridges["enc"]["b"][j]
+  return rho_s * model_lib.abs_topk(x_BxLxDs, max(1, int(bcfg.enc_afrac * x_BxLxDs.shape[-1])))
 
 
 def decode(bridges, j: int, h_BxLxDs: jax.Array) -> jax.Array:
-  return h_BxLxDs @ bridges["dec"]["w"][j] + bridges["dec"]["b"][j]
+  rho_d, rho_s = _rho(bridges, j)
+  return rho_d * ((h_BxLxDs / rho_s) @ bridges["dec"]["w"][j] + bridges["dec"]["b"][j])
+
+
+def mean_rms_S(params, tokens_BxL: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """[S]: the mean over tokens of the per-token RMS of the pre-norm residual at each sublayer."""
+  hs, _ = residuals(params, tokens_BxL, cfg)
+  return jnp.stack([jnp.mean(jnp.sqrt(jnp.mean(h**2, axis=-1))) for h in hs])
 
 
 def residuals(params, tokens_BxL: jax.Array, cfg: ModelConfig):
@@ -205,18 +236,24 @@ def bridge_loss(params, dense_params, batch_BxL1: jax.Array, sparse: ModelConfig
   return loss, m
 
 
-def objective(cfg: Config, dense: ModelConfig, dense_params, bcfg: BridgeConfig
-              ) -> train_lib.Objective:
+def objective(cfg: Config, dense: ModelConfig, dense_params, bcfg: BridgeConfig,
+              reference_BxL: jax.Array | None = None) -> train_lib.Objective:
   """What `train.train` optimises for a bridge run: cfg's sparse model plus the bridges.
 
   The sparse model starts exactly as a plain run of cfg would (same key); the bridges use a
-  key folded from it.
+  key folded from it. Their rho constants are both models' mean residual RMS on
+  reference_BxL (the freshly initialised sparse model's), or 1 without it.
   """
   check_pair(dense, cfg.model)
 
   def init_params(key):
     params = model_lib.init_params(cfg.model, key)
-    params["bridges"] = init_bridges(dense, cfg.model, bcfg, jax.random.fold_in(key, 1))
+    rms_d = rms_s = None
+    if reference_BxL is not None:
+      rms_d = mean_rms_S(jax.lax.stop_gradient(dense_params), reference_BxL, dense)
+      rms_s = mean_rms_S(params, reference_BxL, cfg.model)
+    params["bridges"] = init_bridges(dense, cfg.model, bcfg, jax.random.fold_in(key, 1),
+                                     rms_d, rms_s)
     return params
 
   def loss_fn(params, frozen, batch_BxL1):
@@ -253,27 +290,16 @@ def parse_channel(text: str, cfg: ModelConfig) -> tuple[int, int]:
   return 2 * layer + (parts[1] == "mlp"), channel
 
 
-def read_site(j: int) -> str:
-  """The node site of sublayer j's residual read (post-RMSNorm)."""
-  return f"{site_name(j)}.act_in"
-
-
-def mean_rms(params, batches, cfg: ModelConfig, j: int) -> float:
-  """Mean over tokens of the RMS of the pre-norm residual at sublayer j."""
-  fn = jax.jit(lambda p, t: jnp.mean(jnp.sqrt(jnp.mean(
-      model_lib.run_sublayers(p, model_lib.embed(p, t, cfg), cfg, 0, j) ** 2, axis=-1))))
-  return float(np.mean([float(fn(params, jnp.asarray(b))) for b in batches]))
-
-
 def steering_direction(params, sparse: ModelConfig, presented_BxL: jax.Array,
-                       counterfactual_BxL: jax.Array, j: int, channel: int,
-                       scale: float) -> jax.Array:
-  """add_BxLxDd at strength 1: scale * (act_cf - act_presented)[..., None] * dec_w[j, c]."""
-  site = read_site(j)
-  _, a = model_lib.forward(params, presented_BxL, sparse, capture=(site,))
-  _, b = model_lib.forward(params, counterfactual_BxL, sparse, capture=(site,))
-  delta_BxL = b[site][..., channel] - a[site][..., channel]
-  return scale * delta_BxL[..., None] * params["bridges"]["dec"]["w"][j, channel]
+                       counterfactual_BxL: jax.Array, j: int, channel: int) -> jax.Array:
+  """add_BxLxDd at strength 1: decode(h^s + delta e_c) - decode(h^s), i.e.
+  (rho^d_j / rho^s_j) * (h^s_j[c](counterfactual) - h^s_j[c](presented))[..., None] * dec_w[j, c].
+  """
+  h_presented, h_cf = (residuals(params, t, sparse)[0][j] for t in (presented_BxL,
+                                                                     counterfactual_BxL))
+  delta_BxL = h_cf[..., channel] - h_presented[..., channel]
+  rho_d, rho_s = _rho(params["bridges"], j)
+  return (rho_d / rho_s) * delta_BxL[..., None] * params["bridges"]["dec"]["w"][j, channel]
 
 
 def steered_logits(dense_params, dense: ModelConfig, tokens_BxL: jax.Array, j: int,

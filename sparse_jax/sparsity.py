@@ -19,7 +19,8 @@ every parameter (`RULES`):
     the script's L0frac for biases); set it False to reproduce the script.
   - RMSNorm scales, sink logits, the bigram table and final_logits_bias are never sparsified.
   - bridges/... (bridges.py's encoders and decoders, trained beside a sparse model) are
-    dense linear maps: never sparsified, weight-decayed like the model's weight matrices.
+    dense linear maps: never sparsified, weight-decayed like the model's weight matrices;
+    their fixed scales bridges/rms/... are in the "dense" group (not decayed, no gradient).
 Weight decay (`OptimConfig.decay_biases`) follows the authors' script: weight matrices and
 embeddings (every >= 2-D parameter but the bigram table) are decayed, biases are not unless
 asked; norms, sinks and the bigram table never are. The sharkfin factor
@@ -54,6 +55,7 @@ RULES = (
     (r"blocks/\d+/mlp/c_fc/w", "matrix", 1),
     (r"blocks/\d+/mlp/c_proj/w", "matrix", 0),
     (r"wte|wpe|lm_head/w", "embed", None),
+    (r"bridges/rms/.*", "dense", None),  # bridges.py's fixed rho constants: never decayed
     (r"bridges/.*", "bridge", None),
     (r".*/b", "bias", None),
     (r".*/scale|blocks/\d+/attn/sink|bigram|final_logits_bias", "dense", None),

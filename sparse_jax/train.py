@@ -196,7 +196,7 @@ def _check_finite(loss: float, step: int, workdir: Path, last_saved: int | None,
 
 
 def train(cfg: Config, workdir: str | Path, *, progress: bool = True,
-          objective: Objective | None = None) -> TrainState:
+          objective: Objective | None = None, tokenizer=None) -> TrainState:
   """Trains (or resumes) the run in `workdir` to cfg.train.steps; returns the final state.
 
   Args:
@@ -205,21 +205,24 @@ def train(cfg: Config, workdir: str | Path, *, progress: bool = True,
     progress: show a tqdm bar.
     objective: what to train; default `lm_objective(cfg)`. Evaluation always reads the
       model's params (the top level of the params tree).
+    tokenizer: tokenize the corpus with this one instead of the BPE trained on it (a bridge
+      run uses its dense model's, so that both read the same token ids).
   """
   workdir = Path(workdir)
   # Fail in a second, not after data preparation or at the first checkpoint.
   fileio.check_writable_dir(workdir, "workdir")
   fileio.check_writable_dir(workdir / ckpt_lib.CKPT_DIR, "checkpoint directory")
   with ckpt_lib.locked(workdir):
-    return _train(cfg, workdir, progress, objective or lm_objective(cfg))
+    return _train(cfg, workdir, progress, objective or lm_objective(cfg), tokenizer)
 
 
-def _train(cfg: Config, workdir: Path, progress: bool, objective: Objective) -> TrainState:
+def _train(cfg: Config, workdir: Path, progress: bool, objective: Objective,
+           tokenizer) -> TrainState:
   ckpt_lib.check_or_write_config(workdir, cfg)
   tc = cfg.train
   mesh = make_mesh()
   check_batch_divides(tc.batch_size, mesh)
-  dataset = data_lib.prepare_data(cfg)
+  dataset = data_lib.prepare_data(cfg, tokenizer=tokenizer)
   data_lib.save_tokenizer(dataset.tokenizer, workdir)
   if dataset.tokenizer.get_vocab_size() > cfg.model.vocab_size:
     raise ValueError(f"tokenizer has {dataset.tokenizer.get_vocab_size()} tokens but "

@@ -48,8 +48,10 @@ def test_identity_bridges_give_zero_nmse_and_kl():
                               jax.random.PRNGKey(1))
   S, D = 4, cfg.d_model
   eye = jnp.broadcast_to(jnp.eye(D), (S, D, D))
+  rho = jnp.full((S,), 2.5)  # equal scales on both sides cancel
   params["bridges"] = {"enc": {"w": eye, "b": jnp.zeros((S, D))},
-                       "dec": {"w": eye, "b": jnp.zeros((S, D))}}
+                       "dec": {"w": eye, "b": jnp.zeros((S, D))},
+                       "rms": {"dense": rho, "sparse": rho}}
   bcfg = bridges.BridgeConfig(enc_afrac=1.0)
   _, m = bridges.bridge_loss(params, params, _batch(), cfg, cfg, bcfg)
   assert m["ce_sparse"] == m["ce_dense"] and m["kl_full"] == 0.0
@@ -103,15 +105,18 @@ def test_loss_terms_match_hand_computation(norm):
                               jax.random.PRNGKey(3))
   bcfg = bridges.BridgeConfig(ce_coef=0.5, nmse_coef=2.0, kl_ds_coef=3.0, kl_sd_coef=0.25,
                               kl_full_coef=1.5, nmse_norm=norm, enc_afrac=0.5)
-  sparse["bridges"] = bridges.init_bridges(DENSE, SPARSE, bcfg, jax.random.PRNGKey(4))
+  rho_d, rho_s = np.array([3.0, 0.5], np.float32), np.array([0.25, 2.0], np.float32)
+  sparse["bridges"] = bridges.init_bridges(DENSE, SPARSE, bcfg, jax.random.PRNGKey(4),
+                                           rho_d, rho_s)
   batch = _batch()
   loss, m = bridges.bridge_loss(sparse, dense, batch, SPARSE, DENSE, bcfg)
 
   np_ = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
   d, s, br = np_(dense), np_(sparse), np_(sparse["bridges"])
   tokens, targets = np.asarray(batch[:, :-1]), np.asarray(batch[:, 1:])
-  enc = lambda j, h: _topk(h @ br["enc"]["w"][j] + br["enc"]["b"][j], 8)  # noqa: E731
-  dec = lambda j, h: h @ br["dec"]["w"][j] + br["dec"]["b"][j]  # noqa: E731
+  enc = lambda j, h: rho_s[j] * _topk(  # noqa: E731
+      h / rho_d[j] @ br["enc"]["w"][j] + br["enc"]["b"][j], 8)
+  dec = lambda j, h: rho_d[j] * (h / rho_s[j] @ br["dec"]["w"][j] + br["dec"]["b"][j])  # noqa: E731
 
   def nmse(pred, t):
     err = np.sum((pred - t) ** 2, -1)
@@ -152,16 +157,20 @@ def test_loss_terms_match_hand_computation(norm):
            + 3.0 * (want["bridge/0.attn/kl_ds"] + want["bridge/0.mlp/kl_ds"])
            + 0.25 * (want["bridge/0.attn/kl_sd"] + want["bridge/0.mlp/kl_sd"]))
   np.testing.assert_allclose(float(loss), total, rtol=2e-5)
-  # The dense model is frozen (no gradient reaches it); the NMSE denominators are detached.
+  # The dense model is frozen (no gradient reaches it), and so are the bridges' scales.
   g = jax.grad(lambda dp: bridges.bridge_loss(sparse, dp, batch, SPARSE, DENSE, bcfg)[0])(dense)
   assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g))
+  g = jax.grad(lambda sp: bridges.bridge_loss(sp, dense, batch, SPARSE, DENSE, bcfg)[0])(sparse)
+  assert float(jnp.max(jnp.abs(g["bridges"]["rms"]["dense"]))) == 0.0
+  assert float(jnp.max(jnp.abs(g["bridges"]["rms"]["sparse"]))) == 0.0
+  assert float(jnp.max(jnp.abs(g["bridges"]["dec"]["w"]))) > 0.0
 
 
 def test_steering_at_strength_zero_is_the_dense_model_bitwise():
   dense = model_lib.init_params(DENSE, jax.random.PRNGKey(0))
   sparse = model_lib.init_params(SPARSE, jax.random.PRNGKey(2))
   sparse["bridges"] = bridges.init_bridges(DENSE, SPARSE, bridges.BridgeConfig(),
-                                           jax.random.PRNGKey(4))
+                                           jax.random.PRNGKey(4), [3.0, 0.5], [0.25, 2.0])
   tokens = _batch(B=4, L1=10)
   presented, counterfactual = tokens[:, :-1], tokens[:, 1:]
   pos = jnp.array([8, 5, 8, 0])
@@ -169,7 +178,13 @@ def test_steering_at_strength_zero_is_the_dense_model_bitwise():
   # differ in the last bit, which would hide whether the edit itself changes anything.
   plain = model_lib.forward(dense, presented, DENSE, positions_B=pos)
   for j in range(2):
-    add = bridges.steering_direction(sparse, SPARSE, presented, counterfactual, j, 3, 1.7)
+    add = bridges.steering_direction(sparse, SPARSE, presented, counterfactual, j, 3)
+    # The edit is the decoder's image of the channel's change, rho ratio included.
+    h_p, h_c = (bridges.residuals(sparse, t, SPARSE)[0][j] for t in (presented, counterfactual))
+    edited = h_p.at[..., 3].set(h_c[..., 3])
+    want = bridges.decode(sparse["bridges"], j, edited) - bridges.decode(sparse["bridges"], j, h_p)
+    np.testing.assert_allclose(np.asarray(add), np.asarray(want), rtol=1e-4, atol=1e-5)
+    assert float(jnp.max(jnp.abs(add))) > 1e-3
     steered = lambda s, add=add, j=j: bridges.steered_logits(  # noqa: E731
         dense, DENSE, presented, j, add, s, pos)
     np.testing.assert_array_equal(np.asarray(steered(jnp.float32(0.0))), np.asarray(plain))
@@ -185,6 +200,10 @@ def test_resumed_bridge_run_is_bitwise_identical(tmp_path):
   dense_cfg = tiny_config(cache, "sparsity.enabled=false", "train.steps=4",
                           "train.ckpt_every=4")
   train_lib.train(dense_cfg, tmp_path / "dense", progress=False)
+  # As if the corpus's BPE had changed since the dense run: the bridged run must still read
+  # the dense run's own token ids.
+  data_lib.save_tokenizer(data_lib.train_tokenizer(["def f(x):\n    return 'a' + \"b\"\n"] * 4,
+                                                   300), tmp_path / "dense")
   over = ["train.steps=12", "train.ckpt_every=6", "train.log_every=3", "train.eval_every=12",
           "bridge.kl_full_coef=0.5"]
   ref = bridges_cli.train_bridges(tmp_path / "dense", tmp_path / "ref", overrides=over,
@@ -199,6 +218,18 @@ def test_resumed_bridge_run_is_bitwise_identical(tmp_path):
   a = bridges_cli._restore(tmp_path / "ref", cfg, objective)
   b = bridges_cli._restore(tmp_path / "resumed", cfg, objective)
   assert int(a.step) == int(b.step) == 12 and "bridges" in a.params
+  tok = data_lib.load_tokenizer(tmp_path / "dense")
+  assert data_lib.tokenizer_hash(data_lib.load_tokenizer(tmp_path / "ref")) == \
+      data_lib.tokenizer_hash(tok) and tok.get_vocab_size() < 300
+  # The dense scales are the dense model's residual RMS on the reference batch, unmoved by
+  # training (no gradient, no decay); the sparse ones are the fresh sparse model's.
+  ref_BxL = jnp.asarray(bridges_cli._val_batches(cfg, tok)[0, :, :-1])
+  np.testing.assert_allclose(a.params["bridges"]["rms"]["dense"],
+                             bridges.mean_rms_S(dense_params, ref_BxL, dense_cfg_m.model),
+                             rtol=1e-5)
+  fresh = model_lib.init_params(cfg.model, jax.random.PRNGKey(cfg.train.seed))
+  np.testing.assert_allclose(a.params["bridges"]["rms"]["sparse"],
+                             bridges.mean_rms_S(fresh, ref_BxL, cfg.model), rtol=1e-5)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # The sparse model is exactly sparse; the bridges are dense.

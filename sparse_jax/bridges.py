@@ -245,13 +245,14 @@ def objective(cfg: Config, dense: ModelConfig, dense_params, bcfg: BridgeConfig,
   reference_BxL (the freshly initialised sparse model's), or 1 without it.
   """
   check_pair(dense, cfg.model)
+  # The frozen dense model's scales are computed once, here: inside the jitted init the dense
+  # params would be constants, and XLA would constant-fold the whole dense forward.
+  rms_d = None if reference_BxL is None else jax.jit(mean_rms_S, static_argnums=2)(
+      dense_params, reference_BxL, dense)
 
   def init_params(key):
     params = model_lib.init_params(cfg.model, key)
-    rms_d = rms_s = None
-    if reference_BxL is not None:
-      rms_d = mean_rms_S(jax.lax.stop_gradient(dense_params), reference_BxL, dense)
-      rms_s = mean_rms_S(params, reference_BxL, cfg.model)
+    rms_s = None if reference_BxL is None else mean_rms_S(params, reference_BxL, cfg.model)
     params["bridges"] = init_bridges(dense, cfg.model, bcfg, jax.random.fold_in(key, 1),
                                      rms_d, rms_s)
     return params

@@ -1,11 +1,11 @@
 """The authors' format: their models reproduce their outputs here, round trips are bitwise,
-unsupported options and unsafe pickles are refused, their tokenizer format tokenises as theirs.
+unsupported options and unsafe pickles are refused. (Their tokenizer: test_authors_tokenizer;
+an imported run through the project's tools: test_imported_runs.)
 
 The fixtures (tests/fixtures/authors_format/) were made with the authors' own code; see the
 README there. Torch is not needed: the fixtures carry the outputs their forward computed.
 """
 
-import base64
 import json
 import pickle
 import shutil
@@ -16,29 +16,18 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import circuit_table, export_model, import_model, scale_sweep
+from experiments import export_model, import_model
 from experiments import prune as prune_cli
 from experiments import tasks as tasks_cli
 from sparse_jax import checkpoint as ckpt_lib
-from sparse_jax import data as data_lib
 from sparse_jax import interop
 from sparse_jax import model as model_lib
-from sparse_jax import tasks as tasks_lib
 from sparse_jax import torch_format
 from sparse_jax.config import ModelConfig
 
-FIXTURES = Path(__file__).parent / "fixtures" / "authors_format"
+from tests.authors_format import FIXTURES, assert_trees_bitwise_equal
+
 MODELS = ("csp_like", "dense_like")
-
-
-def _assert_trees_bitwise_equal(a, b):
-  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
-  flat_b = jax.tree_util.tree_flatten_with_path(b)[0]
-  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-  for (path, x), (_, y) in zip(flat_a, flat_b):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
-    assert x.tobytes() == y.tobytes(), jax.tree_util.keystr(path)
 
 
 def _their_hook_sites(cfg: ModelConfig) -> list[str]:
@@ -106,7 +95,7 @@ def test_write_then_read_is_bitwise_identical(name, tmp_path):
   interop.write_model(tmp_path, cfg, params, beeg)
   cfg2, params2, beeg2 = interop.read_model(tmp_path)
   assert cfg2 == cfg and beeg2 == beeg
-  _assert_trees_bitwise_equal(params, params2)
+  assert_trees_bitwise_equal(params, params2)
   # Their state dict itself survives: same names, order, shapes and bytes.
   ours = torch_format.read_state_dict(tmp_path / interop.WEIGHTS_FILE)
   theirs = torch_format.read_state_dict(FIXTURES / name / interop.WEIGHTS_FILE)
@@ -133,14 +122,7 @@ def test_nonzero_positions_and_logit_bias_are_loaded_and_exported(tmp_path):
   assert cfg2.learned_pos_emb and cfg2.final_logits_bias
   np.testing.assert_array_equal(params2["wpe"], sd["transformer.wpe.weight"])
   interop.write_model(tmp_path / "again", cfg2, params2, beeg)
-  _assert_trees_bitwise_equal(interop.read_model(tmp_path / "again")[1], params2)
-
-
-def _random_params(cfg: ModelConfig, seed: int = 0):
-  """init_params' tree with random values, without running init (slow eagerly on 2 cores)."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0)))
-  return jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), shapes)
+  assert_trees_bitwise_equal(interop.read_model(tmp_path / "again")[1], params2)
 
 
 def test_final_logits_bias_off_by_default_and_added_when_on():
@@ -240,7 +222,7 @@ def test_import_export_cli_round_trip(tmp_path, capsys):
   assert step == import_model.IMPORT_STEP
   cfg0, params0, _ = interop.read_model(src)
   assert cfg.model == cfg0
-  _assert_trees_bitwise_equal(jax.tree.map(np.asarray, params), params0)
+  assert_trees_bitwise_equal(jax.tree.map(np.asarray, params), params0)
   assert export_model.main(["--workdir", str(run), "--out", str(tmp_path / "out")]) == 0
   assert (tmp_path / "out" / interop.CONFIG_FILE).read_bytes() == \
       (src / interop.CONFIG_FILE).read_bytes()
@@ -267,270 +249,3 @@ def test_import_export_cli_round_trip(tmp_path, capsys):
                             "--set", "data.corpus=simple", "--set", "circuit.steps=7"]) == 0
   cfg2 = ckpt_lib.load_config(tmp_path / "run2")
   assert (cfg2.data.corpus, cfg2.circuit.steps, cfg2.model) == ("simple", 7, cfg.model)
-
-
-# Tokenizer ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiktoken_file(tmp_path_factory) -> tuple[Path, dict[bytes, int]]:
-  """A tiktoken-format file whose ranks are a BPE trained here (bytes first, then merges)."""
-  tmp_path, n_merges = tmp_path_factory.mktemp("tiktoken"), 120
-  texts = ["def add(x, y):\n    return x + y\n", "print('hello world')\n",
-           'values = [[1, 2], [3, 4]]\nfor v in values:\n    print(v)\n'] * 20
-  hf = data_lib.train_tokenizer(texts, 257 + n_merges)
-  u2b = {u: b for b, u in interop._byte_to_unicode().items()}  # pylint: disable=protected-access
-  by_id = sorted((i, t) for t, i in hf.get_vocab().items() if t != data_lib.EOT)
-  singles = [bytes([b]) for b in range(256)]
-  merged = [bytes(u2b[c] for c in t) for _, t in by_id]
-  ranks = {tok: r for r, tok in enumerate(dict.fromkeys(singles + merged))}
-  path = tmp_path / "tinypython_test.tiktoken"
-  path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
-  return path, ranks
-
-
-def _tiktoken_encode(text: str, ranks: dict[bytes, int]) -> list[int]:
-  """tiktoken's algorithm, written out: per pre-token, merge the lowest-rank adjacent pair."""
-  ids = []
-  pre = data_lib.new_tokenizer().pre_tokenizer
-  u2b = {u: b for b, u in interop._byte_to_unicode().items()}  # pylint: disable=protected-access
-  for piece, _ in pre.pre_tokenize_str(text):
-    parts = [bytes([u2b[c]]) for c in piece]
-    whole = b"".join(parts)
-    if whole in ranks:
-      ids.append(ranks[whole])
-      continue
-    while len(parts) > 1:
-      pair_ranks = [ranks.get(parts[i] + parts[i + 1], np.inf) for i in range(len(parts) - 1)]
-      i = int(np.argmin(pair_ranks))
-      if pair_ranks[i] == np.inf:
-        break
-      parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    ids += [ranks[p] for p in parts]
-  return ids
-
-
-def test_tiktoken_file_tokenises_as_tiktoken(tiktoken_file):
-  path, ranks = tiktoken_file
-  tok = interop.tokenizer_from_tiktoken(path)
-  assert tok.token_to_id(data_lib.EOT) == len(ranks)
-  assert tok.get_vocab_size() == len(ranks) + 1
-  texts = ["def add(a, b):\n    return a + b\n", "print(\"hello\")  # x\n\n\tvalues[[0]]",
-           "héllo wörld 12345 ✓ <|endoftext|>", "    for v in values:\n        print(v)\n"]
-  for text in texts:
-    ids = tok.encode(text).ids
-    assert ids == _tiktoken_encode(text, ranks), text
-    assert tok.decode(ids) == text
-  assert len(tok.encode(texts[0]).ids) < len(texts[0].encode())  # merges are used
-
-
-def test_authors_vocab_bpe_and_encoder_json_give_tiktoken_ids(tmp_path):
-  """Their published pair (tinypython/vocab.bpe + encoder.json), ranked as tiktoken's loader
-  ranks it: printable bytes first, then the other bytes, then merges in file order."""
-  texts = ["def add(x, y):\n    return x + y\n", "print('hello world')\n"] * 20
-  hf = data_lib.train_tokenizer(texts, 257 + 60)
-  merges = json.loads(hf.to_str())["model"]["merges"]
-  merges = [m if isinstance(m, list) else m.split(" ") for m in merges]
-  b2u = interop._byte_to_unicode()  # pylint: disable=protected-access
-  printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-  order = printable + [b for b in range(256) if b not in printable]
-  encoder = {b2u[b]: i for i, b in enumerate(order)}
-  for left, right in merges:
-    encoder.setdefault(left + right, len(encoder))
-  ranks = {bytes(next(k for k, v in b2u.items() if v == c) for c in text): i
-           for text, i in encoder.items()}
-  (tmp_path / "vocab.bpe").write_text("#version: 0.2\n" + "".join(f"{l} {r}\n"
-                                                                  for l, r in merges))
-  (tmp_path / "encoder.json").write_text(json.dumps({**encoder, data_lib.EOT: len(encoder)}))
-  tok = interop.load_authors_tokenizer(tmp_path)
-  assert tok.token_to_id(data_lib.EOT) == len(ranks)
-  for text in ["def add(a, b):\n    return a + b\n", "print('x') ~ \x7f é"]:
-    assert tok.encode(text).ids == _tiktoken_encode(text, ranks)
-  encoder["!"] = 5
-  (tmp_path / "encoder.json").write_text(json.dumps(encoder))
-  with pytest.raises(ValueError, match="encoder.json: '!' has id 5, but vocab.bpe gives it 0"):
-    interop.load_authors_tokenizer(tmp_path)
-
-
-# The authors' tinypython_2k spec (their tiktoken_ext/tinypython.py; PAPER.md §1), written out
-# here rather than imported from sparse_jax.data, so that the test checks the project's copy.
-AUTHORS_PAT_STR = (r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"""
-                   r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-
-
-def test_tokenizer_matches_tiktoken_itself_with_the_authors_spec(tmp_path, monkeypatch):
-  """tiktoken (a test-only dependency) built exactly as their tinypython_2k plugin builds it,
-  from both file formats, gives the ids of the converted tokenizer on real Python source."""
-  tiktoken = pytest.importorskip("tiktoken")
-  from tiktoken import load as tiktoken_load  # pylint: disable=import-outside-toplevel
-  monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
-  assert data_lib.TINYPYTHON_PATTERN == AUTHORS_PAT_STR
-  sources = [Path(json.__file__), Path(pickle.__file__), Path(zipfile.__file__)]
-  texts = [p.read_text() for p in sources]
-  hf = data_lib.train_tokenizer(texts[:2], 257 + 400)
-  # Their published pair: vocab.bpe (merges, GPT-2 byte characters) + encoder.json (ids).
-  merges = json.loads(hf.to_str())["model"]["merges"]
-  merges = [m if isinstance(m, list) else m.split(" ") for m in merges]
-  b2u = interop._byte_to_unicode()  # pylint: disable=protected-access
-  printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-  encoder = {b2u[b]: i for i, b in enumerate(printable + [b for b in range(256)
-                                                          if b not in printable])}
-  for left, right in merges:
-    encoder.setdefault(left + right, len(encoder))
-  (tmp_path / "vocab.bpe").write_text("#version: 0.2\n" + "".join(f"{l} {r}\n"
-                                                                  for l, r in merges))
-  (tmp_path / "encoder.json").write_text(json.dumps({**encoder, data_lib.EOT: len(encoder)}))
-  ranks = tiktoken_load.data_gym_to_mergeable_bpe_ranks(str(tmp_path / "vocab.bpe"),
-                                                        str(tmp_path / "encoder.json"))
-  # The same ranks as a tiktoken-format file.
-  (tmp_path / "t.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n"
-                                               for t, r in ranks.items()))
-  assert tiktoken_load.load_tiktoken_bpe(str(tmp_path / "t.tiktoken")) == ranks
-  theirs = tiktoken.Encoding(name="tinypython_test", pat_str=AUTHORS_PAT_STR,
-                             mergeable_ranks=ranks, special_tokens={data_lib.EOT: len(ranks)})
-  texts += ["héllo wörld 12345 ✓ \r\n\t  x\u00a0y  \n\n", "<|endoftext|> is text here"]
-  for tok in (interop.load_authors_tokenizer(tmp_path),
-              interop.load_authors_tokenizer(tmp_path / "t.tiktoken")):
-    assert tok.token_to_id(data_lib.EOT) == theirs.eot_token == len(ranks)
-    for text in texts:  # texts[2] was not seen by the BPE trainer
-      assert tok.encode(text).ids == theirs.encode_ordinary(text)
-
-
-def test_tiktoken_file_errors_name_the_line(tmp_path):
-  path = tmp_path / "bad.tiktoken"
-  path.write_text("IQ== 0\nnot-base64!! 1\n")
-  with pytest.raises(ValueError, match=r"bad.tiktoken:2: not a tiktoken line"):
-    interop.tokenizer_from_tiktoken(path)
-  path.write_text("IQ== 0\n")
-  with pytest.raises(ValueError, match="not a byte-level BPE"):
-    interop.tokenizer_from_tiktoken(path)
-
-
-def test_import_with_tiktoken_tokenizer_serves_the_tasks(tiktoken_file, tmp_path):
-  path, ranks = tiktoken_file
-  cfg = ModelConfig(n_layer=1, d_model=32, n_head=2, d_head=16, d_mlp=64,
-                    vocab_size=len(ranks) + 1, block_size=64)
-  params = _random_params(cfg)
-  interop.write_model(tmp_path / "theirs", cfg, params)
-  # A model trained here exports with exactly the fields of their released configs.
-  beeg = json.loads((tmp_path / "theirs" / interop.CONFIG_FILE).read_text())
-  released = json.loads((FIXTURES / "csp_like" / interop.CONFIG_FILE).read_text())
-  assert list(beeg) == list(released) and beeg["d_head"] == 16 and not beeg["tied_unembed"]
-  cfg2, params2, _ = interop.read_model(tmp_path / "theirs")
-  assert cfg2 == cfg
-  _assert_trees_bitwise_equal(params2, params)
-  run = tmp_path / "run"
-  import_model.import_model(tmp_path / "theirs", run, tokenizer=path)
-  tok = data_lib.load_tokenizer(run)
-  text = "print('hello world')\n"
-  assert tok.encode(text).ids == _tiktoken_encode(text, ranks)
-  samples, _ = tasks_lib.sample_task(tok, "single_double_quote", 2, seed=0, max_len=128)
-  for pair, enc in samples:  # the task generators tokenise exactly as tiktoken would
-    for prompt, seq in ((pair.prompt_a, enc.seq_a), (pair.prompt_b, enc.seq_b)):
-      assert tuple(_tiktoken_encode(prompt, ranks)[-len(seq):]) == tuple(seq)
-  small_cfg = ModelConfig(**{**cfg.__dict__, "vocab_size": 256})
-  interop.write_model(tmp_path / "small", small_cfg, _random_params(small_cfg))
-  with pytest.raises(ValueError, match="do not fit the model's vocab_size"):
-    import_model.import_model(tmp_path / "small", tmp_path / "run2", tokenizer=path)
-
-
-# An imported model through every tool ---------------------------------------------------------
-
-
-def _csp_like_with_vocab(directory: Path, vocab_size: int, seed: int = 0) -> None:
-  """csp_like in their format, its vocabulary grown to `vocab_size` (new rows random, 25%
-  nonzero as the rest), so that a byte-level tokenizer (>= 257 tokens) fits it."""
-  beeg = json.loads((FIXTURES / "csp_like" / interop.CONFIG_FILE).read_text())
-  sd = torch_format.read_state_dict(FIXTURES / "csp_like" / interop.WEIGHTS_FILE)
-  rng, extra = np.random.default_rng(seed), vocab_size - beeg["vocab_size"]
-  sparse = lambda *shape: (rng.normal(0, 0.5, shape) * (rng.random(shape) < 0.25)).astype(
-      np.float32)
-  for key in ("transformer.wte.weight", "lm_head.weight"):
-    sd[key] = np.concatenate([sd[key], sparse(extra, sd[key].shape[1])])
-  table = sd["bigram_table"]
-  sd["bigram_table"] = np.block([[table, sparse(table.shape[0], extra)],
-                                 [sparse(extra, vocab_size)]])
-  sd["final_logits_bias"] = np.zeros(vocab_size, np.float32)
-  beeg["vocab_size"] = vocab_size
-  directory.mkdir()
-  torch_format.write_state_dict(directory / interop.WEIGHTS_FILE, sd)
-  (directory / interop.CONFIG_FILE).write_text(json.dumps(beeg))
-
-
-# One prune of a tiny model is about 30 s on an idle 2-core CPU (compiles), minutes when shared.
-@pytest.mark.slow
-def test_imported_model_goes_through_tasks_prune_and_the_sweeps_aggregation(
-    tiktoken_file, tmp_path, monkeypatch, capsys):
-  monkeypatch.setenv("SPARSE_JAX_CACHE", str(tmp_path / "cache"))
-  path, ranks = tiktoken_file
-  _csp_like_with_vocab(tmp_path / "theirs", len(ranks) + 1)
-  run = tmp_path / "runs" / "csp_like"
-  data_args = ["--set", "data.max_files=120", "--set", "train.batch_size=4",
-               "--set", "train.eval_batches=2"]
-  assert import_model.main(["--from", str(tmp_path / "theirs"), "--tokenizer", str(path),
-                            "--workdir", str(run)] + data_args) == 0
-  assert tasks_cli.main(["--show", "single_double_quote", "-n", "1", "--workdir", str(run)]) == 0
-  tasks = "single_double_quote,bracket_counting"
-  circuit_args = ["--target-loss", "1.0", "--no-progress", "--tasks", tasks] + [
-      a for o in ("steps=10", "batch_size=8", "mean_batches=1", "n_train_pairs=16",
-                  "n_select_pairs=16", "n_heldout_pairs=16", "bisect_candidates=4",
-                  "eval_max_seqs=160", "lbfgs_steps=4")
-      for a in ("--set", f"circuit.{o}")]
-  assert prune_cli.main(["--workdir", str(run)] + circuit_args) == 0
-  summary = json.loads((run / "circuits" / "summary.json").read_text())
-  assert summary["step"] == import_model.IMPORT_STEP and set(summary["tasks"]) == set(
-      tasks.split(","))
-  capsys.readouterr()
-  assert circuit_table.main([str(run / "circuits"), "--targets", "1.0"]) == 0
-  n_solved = sum(s["solvable"] and s["meets_target_test"] for s in summary["tasks"].values())
-  assert f"| circuits | 1.0 | {n_solved}/20 |" in capsys.readouterr().out
-
-  # The sweep's aggregation takes it as a row beside (here: without) the grid's points.
-  out = tmp_path / "sweep"
-  sweep_args = ["--preset", "tiny", "--out", str(out), "--collect",
-                "--set", "circuit.target_loss=1.0"]
-  capsys.readouterr()
-  assert scale_sweep.main(sweep_args + ["--add", str(run)]) == 0
-  results = json.loads((out / "results.json").read_text())
-  assert results["added"] == ["csp_like"] and len(results["rows"]) == 1
-  row = results["rows"][0]
-  cfg, params, _ = interop.read_model(tmp_path / "theirs")
-  counted = [params["wte"], params["lm_head"]["w"]] + [
-      x for b in params["blocks"].values() for sub in (b["attn"], b["mlp"])
-      for name in ("c_attn", "c_proj", "c_fc") if name in sub for x in sub[name].values()]
-  assert row["l0"] == sum(int(np.count_nonzero(x)) for x in counted)
-  assert row["sparsifiable_params"] == sum(x.size for x in counted)
-  assert row["l0_target"] == row["l0"]  # about a quarter nonzero: a sparse model
-  assert (row["width"], row["n_layer"]) == (cfg.d_model, cfg.n_layer)
-  assert 0.2 < row["weight_density"] < 0.3 and row["weight_density"] != 1 / 16
-  # Its validation loss: the same batches training would evaluate, in its own tokens.
-  run_cfg = ckpt_lib.load_config(run)
-  dataset = data_lib.prepare_data(run_cfg, tokenizer=data_lib.load_tokenizer(run))
-  batches = dataset.val_batches(2, 4, run_cfg.train.seq_len)
-  assert batches.max() < len(ranks) and batches.shape == (2, 4, 65)
-  expected_loss = np.mean([float(model_lib.next_token_loss(params, b, cfg)) for b in batches])
-  assert row["val_loss"] == pytest.approx(expected_loss, abs=1e-5)
-  assert row["task_loss_full"].keys() == summary["tasks"].keys()
-  assert row["task_edges"] == {t: s["edges"] for t, s in summary["tasks"].items()
-                               if s["solvable"]}
-  assert "Runs added to the grid (`--add`):** csp_like" in (out / "report.md").read_text()
-
-
-def test_sweep_aggregation_refuses_an_added_run_it_cannot_compare(tmp_path, capsys):
-  run = tmp_path / "dense_like"
-  assert import_model.main(["--from", str(FIXTURES / "dense_like"), "--workdir", str(run)]) == 0
-  args = ["--preset", "tiny", "--out", str(tmp_path / "sweep"), "--collect"]
-  capsys.readouterr()
-  assert scale_sweep.main(args + ["--add", str(run)]) == 2  # not pruned yet
-  err = capsys.readouterr().err
-  assert err.count("\n") == 1 and "no circuits/summary.json" in err and \
-      f"python -m experiments.prune --workdir {run} --target-loss 1.0" in err
-  (run / "circuits").mkdir()
-  (run / "circuits" / "summary.json").write_text(json.dumps({"target_loss": 0.15}))
-  assert scale_sweep.main(args + ["--add", str(run)]) == 2
-  err = capsys.readouterr().err
-  assert err.count("\n") == 1 and "searched at target 0.15, the sweep's is 1.0" in err
-  (tmp_path / "d32_dense").symlink_to(run)  # named like a grid point of the tiny sweep
-  assert scale_sweep.main(args + ["--add", str(tmp_path / "d32_dense")]) == 2
-  assert "['d32_dense'] already taken by a grid point" in capsys.readouterr().err
-  assert not (tmp_path / "sweep" / "results.json").exists()

@@ -3,7 +3,7 @@
   python -m experiments.bridges --dense RUN --workdir OUT [--preset P] [--dense-step N]
                                 [--set section.field=value | bridge.field=value ...]
   python -m experiments.bridges steer --workdir OUT --task single_double_quote
-                                [--channel LAYER.SITE.CHANNEL] [--pairs 64] [--strengths 11]
+                                [--channel LAYER.SITE.CHANNELS] [--pairs 64] [--strengths 11]
 
 Training: the sparse model's config is the dense run's with sparsity on (or --preset P),
 plus the --set overrides; `bridge.*` overrides set `bridges.BridgeConfig`. It must train on
@@ -13,11 +13,13 @@ bridge.json (the dense run, its step and the BridgeConfig). Rerunning resumes. A
 every loss term is evaluated on validation batches into OUT/bridges_eval.json and printed as a
 table. `python -m experiments.prune --workdir OUT` finds circuits in the bridged sparse model.
 
-Steering (Fig 9): adds strength x (the channel's counterfactual-minus-presented activation,
+Steering (Fig 9): adds strength x (the channel's counterfactual-minus-presented residual,
 mapped through the channel's decoder row and the dense/sparse residual RMS ratio) to the
 dense model's residual and plots its probability of each candidate token against strength,
 into OUT/steer_TASK_CHANNEL.{json,png}. The default channel is the residual-read channel of
-OUT/circuits/TASK.json whose removal from the circuit raises the task loss most.
+OUT/circuits/TASK.json whose removal from the circuit raises the task loss most; a set of
+channels at one read (1.attn.37+52, 0.mlp.circuit: those the circuit reads there, 0.mlp.all)
+steers with the sum of their edits.
 """
 
 from __future__ import annotations
@@ -201,7 +203,7 @@ def circuit_channel(workdir: Path, task: str, params, step: int, cfg: Config, ar
 
 def steer(workdir: str | Path, task: str, channel: str | None = None, *, n_pairs: int = 64,
           n_strengths: int = 11) -> dict:
-  """Steers the dense model with one sparse channel; writes and returns the curve."""
+  """Steers the dense model with sparse channel(s) at one read; writes and returns the curve."""
   workdir = Path(workdir)
   meta = _meta(workdir)
   if meta is None:
@@ -219,7 +221,10 @@ def steer(workdir: str | Path, task: str, channel: str | None = None, *, n_pairs
     channel, choice = circuit_channel(workdir, task, params, int(state.step), cfg, arrays,
                                       tokenizer)
     choice["how"] = "the circuit's residual-read channel whose removal raises the loss most"
-  j, c = bridges.parse_channel(channel, cfg.model)
+  circuit_path = workdir / "circuits" / f"{circuits_lib.file_stem(task)}.json"
+  nodes = (circuits_lib.Circuit.from_json(circuit_path.read_text()).nodes
+           if circuit_path.exists() else None)
+  j, channels = bridges.parse_channel(channel, cfg.model, nodes)
   # Delta is taken token by token, so both sides of a pair must line up (same length).
   last_Px2 = np.asarray(arrays.last_Px2)
   aligned_P = last_Px2[:, 0] == last_Px2[:, 1]
@@ -233,7 +238,7 @@ def steer(workdir: str | Path, task: str, channel: str | None = None, *, n_pairs
   rms_d = float(np.mean([bridges.mean_rms_S(dense_params, b, dense_cfg.model)[j] for b in ref]))
   rms_s = float(np.mean([bridges.mean_rms_S(params, b, cfg.model)[j] for b in ref]))
   add_PxLxD = bridges.steering_direction(params, cfg.model, tokens_Px2xL[:, 0],
-                                         tokens_Px2xL[:, 1], j, c)
+                                         tokens_Px2xL[:, 1], j, channels)
   # Op by op, not jitted: strength 0 then gives the plain dense model's logits bit for bit.
   steered = lambda s: jax.nn.softmax(bridges.steered_logits(  # noqa: E731
       dense_params, dense_cfg.model, tokens_Px2xL[:, 0], j, add_PxLxD, s, pos_P), axis=-1)
@@ -245,7 +250,8 @@ def steer(workdir: str | Path, task: str, channel: str | None = None, *, n_pairs
                   "p_alt": float(jnp.mean(p_PxV[rows_P, alt_P]))})
   cf_PxV = jax.nn.softmax(model_lib.forward(dense_params, tokens_Px2xL[:, 1], dense_cfg.model,
                                             positions_B=pos_P), axis=-1)
-  out = {"task": task, "channel": channel, "sublayer": bridges.site_name(j), "choice": choice,
+  out = {"task": task, "channel": channel, "sublayer": bridges.site_name(j),
+         "channels": list(channels), "choice": choice,
          "pairs": int(aligned_P.sum()), "pairs_dropped_unaligned": int((~aligned_P).sum()),
          "rho_dense": float(params["bridges"]["rms"]["dense"][j]),
          "rho_sparse": float(params["bridges"]["rms"]["sparse"][j]),
@@ -274,7 +280,10 @@ def _plot(out: dict, path: Path) -> None:
                label=f"P({out[key]!r}) on the counterfactual prompt")
   ax.set_xlabel("steering strength")
   ax.set_ylabel("dense model probability (mean over pairs)")
-  ax.set_title(f"{out['task']}: sparse channel {out['channel']}", fontsize=9)
+  n = len(out["channels"])
+  what = f"sparse channel {out['channel']}" if n == 1 else \
+      f"sparse channels {out['channel']} ({n} channels)"
+  ax.set_title(f"{out['task']}: {what}", fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
   fileio.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
@@ -289,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--workdir", required=True, help="bridge run directory")
   if argv[:1] == ["steer"]:
     parser.add_argument("--task", default="single_double_quote")
-    parser.add_argument("--channel", default=None, help="LAYER.SITE.CHANNEL, e.g. 1.attn.37")
+    parser.add_argument("--channel", default=None,
+                        help="LAYER.SITE.CHANNELS: 1.attn.37, 1.attn.37+52, 0.mlp.all or "
+                             "0.mlp.circuit (the channels the task's circuit reads there)")
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--strengths", type=int, default=11)
     args = parser.parse_args(argv[1:])

@@ -44,7 +44,8 @@ h^s_j[c](presented) at every token; the dense residual at sublayer j gets
   strength * (rho^d_j / rho^s_j) * delta_BxL[..., None] * dec_w[j, c]
 which is g_j(h^s + delta e_c) - g_j(h^s): the decoder's image of the channel's change, and
 the paper's "outer product with the channel's bridge row, scaled by the ratio of mean
-residual RMS (dense/sparse) on a reference set". delta is taken on the pre-norm residual (the
+residual RMS (dense/sparse) on a reference set". A set of channels (e.g. every channel a
+circuit reads at j) adds the sum of theirs. delta is taken on the pre-norm residual (the
 read's input) rather than on the post-norm read: the decoder maps pre-norm residuals.
 """
 
@@ -277,30 +278,49 @@ def evaluate(params, dense_params, batches, sparse: ModelConfig, dense: ModelCon
 # --- steering (Fig 9) ---
 
 
-def parse_channel(text: str, cfg: ModelConfig) -> tuple[int, int]:
-  """'LAYER.SITE.CHANNEL' (SITE attn or mlp: that sublayer's residual read) -> (j, channel)."""
+def parse_channel(text: str, cfg: ModelConfig,
+                  circuit_nodes: dict[str, list[int]] | None = None) -> tuple[int, tuple[int, ...]]:
+  """'LAYER.SITE.CHANNELS' -> (sublayer j, channels) for the residual read of SITE (attn or
+  mlp). CHANNELS: one channel (1.attn.37), several joined by + (1.attn.37+52), "all" (every
+  residual channel), or "circuit" (the channels circuit_nodes, a pruned circuit's nodes, keep
+  at that read)."""
   parts = text.split(".")
-  if len(parts) != 3 or parts[1] not in ("attn", "mlp") or not parts[0].isdigit() \
-      or not parts[2].isdigit():
-    raise ValueError(f"--channel {text!r}: expected LAYER.SITE.CHANNEL with SITE attn or mlp, "
-                     "e.g. 1.attn.37")
-  layer, channel = int(parts[0]), int(parts[2])
-  if layer >= cfg.n_layer or channel >= cfg.d_model:
+  ok = len(parts) == 3 and parts[1] in ("attn", "mlp") and parts[0].isdigit() and (
+      parts[2] in ("all", "circuit") or all(c.isdigit() for c in parts[2].split("+")))
+  if not ok:
+    raise ValueError(f"--channel {text!r}: expected LAYER.SITE.CHANNELS with SITE attn or mlp "
+                     "and CHANNELS a channel, several joined by +, 'all' or 'circuit', e.g. "
+                     "1.attn.37")
+  layer = int(parts[0])
+  if parts[2] == "all":
+    channels = tuple(range(cfg.d_model))
+  elif parts[2] == "circuit":
+    if circuit_nodes is None:
+      raise ValueError(f"--channel {text!r}: 'circuit' needs the task's pruned circuit")
+    channels = tuple(int(c) for c in circuit_nodes.get(f"{parts[0]}.{parts[1]}.act_in", ()))
+    if not channels:
+      raise ValueError(f"--channel {text!r}: the circuit reads no channel at "
+                       f"{parts[0]}.{parts[1]}.act_in")
+  else:
+    channels = tuple(int(c) for c in parts[2].split("+"))
+  if layer >= cfg.n_layer or max(channels) >= cfg.d_model:
     raise ValueError(f"--channel {text!r}: the sparse model has {cfg.n_layer} layers and "
                      f"{cfg.d_model} residual channels")
-  return 2 * layer + (parts[1] == "mlp"), channel
+  return 2 * layer + (parts[1] == "mlp"), channels
 
 
 def steering_direction(params, sparse: ModelConfig, presented_BxL: jax.Array,
-                       counterfactual_BxL: jax.Array, j: int, channel: int) -> jax.Array:
-  """add_BxLxDd at strength 1: decode(h^s + delta e_c) - decode(h^s), i.e.
-  (rho^d_j / rho^s_j) * (h^s_j[c](counterfactual) - h^s_j[c](presented))[..., None] * dec_w[j, c].
+                       counterfactual_BxL: jax.Array, j: int, channels) -> jax.Array:
+  """add_BxLxDd at strength 1: decode(h^s with `channels` set to the counterfactual's) -
+  decode(h^s), i.e. (rho^d_j / rho^s_j) * sum_c delta_c[..., None] * dec_w[j, c] with
+  delta_c = h^s_j[c](counterfactual) - h^s_j[c](presented).
   """
+  idx_C = jnp.asarray(channels, jnp.int32).reshape(-1)
   h_presented, h_cf = (residuals(params, t, sparse)[0][j] for t in (presented_BxL,
                                                                      counterfactual_BxL))
-  delta_BxL = h_cf[..., channel] - h_presented[..., channel]
+  delta_BxLxC = h_cf[..., idx_C] - h_presented[..., idx_C]
   rho_d, rho_s = _rho(params["bridges"], j)
-  return (rho_d / rho_s) * delta_BxL[..., None] * params["bridges"]["dec"]["w"][j, channel]
+  return (rho_d / rho_s) * (delta_BxLxC @ params["bridges"]["dec"]["w"][j][idx_C])
 
 
 def steered_logits(dense_params, dense: ModelConfig, tokens_BxL: jax.Array, j: int,

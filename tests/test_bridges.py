@@ -178,20 +178,31 @@ def test_steering_at_strength_zero_is_the_dense_model_bitwise():
   # differ in the last bit, which would hide whether the edit itself changes anything.
   plain = model_lib.forward(dense, presented, DENSE, positions_B=pos)
   for j in range(2):
-    add = bridges.steering_direction(sparse, SPARSE, presented, counterfactual, j, 3)
-    # The edit is the decoder's image of the channel's change, rho ratio included.
+    # The edit is the decoder's image of the channels' change, rho ratio included.
     h_p, h_c = (bridges.residuals(sparse, t, SPARSE)[0][j] for t in (presented, counterfactual))
-    edited = h_p.at[..., 3].set(h_c[..., 3])
-    want = bridges.decode(sparse["bridges"], j, edited) - bridges.decode(sparse["bridges"], j, h_p)
-    np.testing.assert_allclose(np.asarray(add), np.asarray(want), rtol=1e-4, atol=1e-5)
-    assert float(jnp.max(jnp.abs(add))) > 1e-3
+    for channels in ((3,), (3, 7, 12)):
+      edited = h_p.at[..., channels].set(h_c[..., channels])
+      want = bridges.decode(sparse["bridges"], j, edited) - bridges.decode(sparse["bridges"], j,
+                                                                          h_p)
+      got = bridges.steering_direction(sparse, SPARSE, presented, counterfactual, j, channels)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+      assert float(jnp.max(jnp.abs(got))) > 1e-3
+    add = bridges.steering_direction(sparse, SPARSE, presented, counterfactual, j, (3,))
     steered = lambda s, add=add, j=j: bridges.steered_logits(  # noqa: E731
         dense, DENSE, presented, j, add, s, pos)
     np.testing.assert_array_equal(np.asarray(steered(jnp.float32(0.0))), np.asarray(plain))
     assert float(jnp.max(jnp.abs(steered(jnp.float32(1.0)) - plain))) > 1e-4
-  assert bridges.parse_channel("0.mlp.15", SPARSE) == (1, 15)
-  with pytest.raises(ValueError, match="LAYER.SITE.CHANNEL"):
-    bridges.parse_channel("0.q.1", SPARSE)
+  assert bridges.parse_channel("0.mlp.15", SPARSE) == (1, (15,))
+  assert bridges.parse_channel("0.attn.15+2", SPARSE) == (0, (15, 2))
+  assert bridges.parse_channel("0.attn.all", SPARSE) == (0, tuple(range(16)))
+  nodes = {"0.mlp.act_in": [4, 9], "0.attn.act_in": []}
+  assert bridges.parse_channel("0.mlp.circuit", SPARSE, nodes) == (1, (4, 9))
+  for bad, msg in (("0.q.1", "LAYER.SITE.CHANNELS"), ("0.mlp.1+x", "LAYER.SITE.CHANNELS"),
+                   ("0.mlp.16", "16 residual channels"), ("0.attn.circuit", "needs the task")):
+    with pytest.raises(ValueError, match=msg):
+      bridges.parse_channel(bad, SPARSE)
+  with pytest.raises(ValueError, match="reads no channel at 0.attn.act_in"):
+    bridges.parse_channel("0.attn.circuit", SPARSE, nodes)
 
 
 @pytest.mark.slow  # trains three small runs (dense, bridged, resumed)

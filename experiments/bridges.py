@@ -117,12 +117,13 @@ def train_bridges(dense: str | Path, workdir: str | Path, *, preset: str | None 
   # Both models must read the same token ids: the sparse one uses the dense run's tokenizer
   # (the corpus's BPE may since have changed with the corpus).
   tokenizer = data_lib.load_tokenizer(dense)
+  val_NxBxL1 = _val_batches(cfg, tokenizer)
   # The bridges' rho constants come from the first validation batch (data the run never trains on).
-  reference_BxL = jnp.asarray(_val_batches(cfg, tokenizer)[0, :, :-1])
-  objective = bridges.objective(cfg, dense_cfg.model, dense_params, bcfg, reference_BxL)
+  objective = bridges.objective(cfg, dense_cfg.model, dense_params, bcfg,
+                                jnp.asarray(val_NxBxL1[0, :, :-1]))
   state = train_lib.train(cfg, workdir, progress=progress, objective=objective,
                           tokenizer=tokenizer)
-  return evaluate_run(workdir, cfg, dense_cfg, dense_params, bcfg, state, tokenizer)
+  return evaluate_run(workdir, dense_cfg, dense_params, bcfg, state, cfg, val_NxBxL1)
 
 
 def _val_batches(cfg: Config, tokenizer) -> np.ndarray:
@@ -130,10 +131,10 @@ def _val_batches(cfg: Config, tokenizer) -> np.ndarray:
   return dataset.val_batches(cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
 
 
-def evaluate_run(workdir: Path, cfg: Config, dense_cfg: Config, dense_params, bcfg, state,
-                 tokenizer) -> dict:
-  metrics = bridges.evaluate(state.params, dense_params, _val_batches(cfg, tokenizer),
-                             cfg.model, dense_cfg.model, bcfg)
+def evaluate_run(workdir: Path, dense_cfg: Config, dense_params, bcfg, state, cfg: Config,
+                 val_NxBxL1: np.ndarray) -> dict:
+  metrics = bridges.evaluate(state.params, dense_params, val_NxBxL1, cfg.model,
+                             dense_cfg.model, bcfg)
   out = {"step": int(state.step), "metrics": metrics}
   fileio.atomic_write_text(workdir / EVAL_FILE, json.dumps(out, indent=2))
   return out

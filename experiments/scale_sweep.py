@@ -258,6 +258,10 @@ def make_sweep(preset: str, overrides: list[str] = (), *, widths: tuple[int, ...
   grid = {k: tuple(v) for k, v in (("widths", widths), ("l0_targets", l0_targets))
           if v is not None}
   grid["base_width"] = sweep.base_width or min(sweep.widths)
+  if widths is not None and sweep.dense_widths is not None:
+    # The preset's dense widths that remain; a cut that keeps none gets a dense model at
+    # every width it has (its points still need a dense model to be matched with).
+    grid["dense_widths"] = tuple(w for w in sweep.dense_widths if w in widths) or None
   return dataclasses.replace(sweep, base=apply_overrides(sweep.base, list(overrides)), **grid)
 
 

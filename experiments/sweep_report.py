@@ -45,6 +45,16 @@ def _k_coefs(ccfg) -> str:
   return f"{ccfg.k_coef:g}"
 
 
+def _dense_widths(sweep) -> str:
+  """Which widths have a plain dense baseline, and whether its checkpoints are pruned."""
+  if not sweep.dense_baseline:
+    return "none"
+  widths = list(sweep.dense_widths or sweep.widths)
+  along = (f", checkpoints every {sweep.dense_ckpt_every} steps as loss-matched points"
+           if sweep.dense_ckpt_every else "")
+  return f"width {', '.join(map(str, widths))}{along}"
+
+
 def _fmt(x, spec: str) -> str:
   if x is None or (isinstance(x, float) and math.isnan(x)):
     return "-"
@@ -76,7 +86,7 @@ def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing:
       "# Scale sweep: capability vs interpretability", "",
       f"Generated {datetime.datetime.now().isoformat(timespec='minutes')} by `{command}`.", "",
       f"- depth {base.model.n_layer} layers, widths {list(sweep.widths)}, L0 targets "
-      f"{list(sweep.l0_targets)}, dense baseline per width: {sweep.dense_baseline}",
+      f"{list(sweep.l0_targets)}, dense baselines: {_dense_widths(sweep)}",
       f"- corpus `{base.data.corpus}`, mixture: {mixture}; vocab {base.model.vocab_size}; "
       f"{base.train.steps} steps of {base.train.batch_size} x {base.train.seq_len} tokens "
       f"({base.train.steps * base.train.batch_size * base.train.seq_len / 1e6:.1f}M tokens) "

@@ -46,7 +46,11 @@ class SweepConfig:
   base: Config
   widths: tuple[int, ...]  # d_model values; n_head = width // d_head, d_mlp = 4 * width
   l0_targets: tuple[int, ...]  # total nonzero sparsified params of each sparse model
-  dense_baseline: bool = True  # one plain dense model per width (no AbsTopK either)
+  dense_baseline: bool = True  # plain dense models (no AbsTopK either), see dense_widths
+  # The widths that get a dense baseline (None: every width). With dense_ckpt_every, one
+  # dense run's checkpoints already span the sparse models' losses, so a laptop sweep can
+  # spend its time on sparse widths instead of a dense model per width.
+  dense_widths: tuple[int, ...] | None = None
   base_width: int | None = None  # e = width / base_width; default: the smallest width
   # Dense points keep a checkpoint, and validate, every N steps (None: final only). The
   # sweep then also prunes the dense checkpoints whose validation loss brackets each sparse
@@ -66,6 +70,11 @@ class SweepConfig:
         raise ValueError(f"sweep.{name}: duplicate points {dup}")
       if any(not isinstance(v, int) or v <= 0 for v in values):
         raise ValueError(f"sweep.{name}: must be positive integers, got {values}")
+    if self.dense_widths is not None:
+      stray = sorted(set(self.dense_widths) - set(self.widths))
+      if stray or not self.dense_widths:
+        raise ValueError(f"sweep.dense_widths: must be a non-empty subset of sweep.widths="
+                         f"{self.widths} (or None for all), got {self.dense_widths}")
     every = self.dense_ckpt_every
     if every is not None and (isinstance(every, bool) or not isinstance(every, int)
                               or not 0 < every < self.base.train.steps):
@@ -125,7 +134,7 @@ def grid(sweep: SweepConfig) -> list[Point]:
   points = []
   for width in sorted(sweep.widths):
     cfg = model_at_width(sweep.base, width)
-    if sweep.dense_baseline:
+    if sweep.dense_baseline and width in (sweep.dense_widths or sweep.widths):
       # The paper's dense baselines are plain dense models: no AbsTopK either.
       dense = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, afrac=None),
                                   sparsity=dataclasses.replace(cfg.sparsity, enabled=False),

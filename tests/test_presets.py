@@ -20,8 +20,12 @@ def test_every_sweep_grid_builds_with_a_feasible_neuron_minimum(name):
 def test_cpu_sparse_models_use_the_authors_abstopk():
   cfg = presets.get_config("cpu").model
   assert cfg.afrac == 0.25 and cfg.afrac_loctypes == LOCTYPES and len(LOCTYPES) == 8
-  sparse = [p for p in sweep_lib.grid(presets.get_sweep("cpu")) if p.l0_target is not None]
-  assert len(sparse) == 4 and all(p.config.model.afrac == 0.25 for p in sparse)
+  points = sweep_lib.grid(presets.get_sweep("cpu"))
+  sparse = [p for p in points if p.l0_target is not None]
+  assert [p.name for p in sparse] == ["d64_l0_120000", "d128_l0_120000"]
+  assert all(p.config.model.afrac == 0.25 for p in sparse)
+  dense = [p for p in points if p.l0_target is None]  # one dense width; plain dense
+  assert [p.name for p in dense] == ["d128_dense"] and dense[0].config.model.afrac is None
 
 
 def test_an_infeasible_sweep_point_names_the_point_and_the_matrix():

@@ -29,7 +29,23 @@ def test_bad_grids_are_refused():
   too_big = sweep_lib.SweepConfig(base=base, widths=(32,), l0_targets=(10**7,))
   with pytest.raises(ValueError, match="L0 10000000 is not smaller than the model's"):
     sweep_lib.grid(too_big)
+  with pytest.raises(ValueError, match=r"sweep.dense_widths: must be a non-empty subset"):
+    sweep_lib.SweepConfig(base=base, widths=(32,), l0_targets=(100,), dense_widths=(48,))
+  with pytest.raises(ValueError, match=r"sweep.dense_widths: must be a non-empty subset"):
+    sweep_lib.SweepConfig(base=base, widths=(32,), l0_targets=(100,), dense_widths=())
   assert scale_sweep.main(["--preset", "tiny", "--only", "9", "--out", "/nonexistent"]) == 2
+
+
+def test_dense_widths_pick_which_widths_get_a_dense_baseline():
+  sweep = dataclasses.replace(presets.get_sweep("tiny"), dense_widths=(48,))
+  assert [p.name for p in sweep_lib.grid(sweep)] == ["d32_l0_6000", "d48_dense", "d48_l0_6000"]
+  cpu = presets.get_sweep("cpu")
+  assert cpu.dense_widths == (128,)
+  # A cut of the grid keeps the preset's dense widths it still has, or (with none left) a
+  # dense model at every width it has: its sparse points need one to be matched with.
+  assert scale_sweep.make_sweep("cpu", widths=(64, 128)).dense_widths == (128,)
+  names = [p.name for p in sweep_lib.grid(scale_sweep.make_sweep("cpu", widths=(64,)))]
+  assert names == ["d64_dense", "d64_l0_120000"]
 
 
 def test_l0_targets_become_densities_with_the_papers_split():

@@ -114,7 +114,7 @@ def get_sweep(name: str) -> SweepConfig:
     # Dense checkpoints every 250 steps: the sparse models end 0.2-0.45 nats above the dense
     # ones, so they are matched with dense checkpoints along training (scale_sweep). Those
     # checkpoints span every sparse loss, so one dense width suffices, and the hour goes to
-    # the sparse width family at one L0 (Fig 2's claim: wider at the same L0 is better on
+    # the sparse width family at one L0 (Fig 3's claim: wider at the same L0 is better on
     # both axes). L0 60k met no task at 0.15 in the 2026-11-22 sweep (docs/report.md then).
     return SweepConfig(base=base, widths=(64, 128), l0_targets=(120_000,),
                        dense_widths=(128,), dense_ckpt_every=250)

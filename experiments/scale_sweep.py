@@ -5,8 +5,8 @@
                                     [--set section.field=value ...]
 
 Trains every grid point (widths x L0 targets, plus dense models at the dense widths), finds a
-circuit for every task in every model, and writes into --out: results.csv / results.json (a row per
-model), frontier.png (pretraining loss vs geometric-mean circuit edges, Fig 3),
+circuit for every task in every model, and writes into --out: results.csv / results.json (a
+row per model), frontier.png (pretraining loss vs geometric-mean circuit edges, Fig 3),
 circuit_size_vs_task_loss.png (a sparse and a dense model matched on pretraining loss,
 Fig 2) and report.md. Each point is an ordinary train + prune workdir under OUT/points/,
 so rerunning skips finished points and finishes partial ones; `--only I` runs one point

@@ -33,10 +33,11 @@ def get_config(name: str) -> Config:
                           log_every=10, ckpt_every=50),
         circuit=CircuitConfig(steps=100, batch_size=16, mean_batches=2))
   if name == "cpu":
-    # Laptop scale: ~4M tokens in ~10 minutes on 2 cores. Half the rows come from the
-    # generated everyday-Python corpus: on the standard library alone a model this size
-    # learns almost none of the tasks in this budget (issue 6). AbsTopK as in the authors'
-    # script (1/4 at all eight sites); see docs/recipe.md for its cost at this scale.
+    # Laptop scale: ~4M tokens in ~17 minutes on 2 cores (the sweep's d128 sparse point took
+    # 992 s). Half the rows come from the generated everyday-Python corpus: on the standard
+    # library alone a model this size learns almost none of the tasks in this budget
+    # (issue 6). AbsTopK as in the authors' script (1/4 at all eight sites); see
+    # docs/recipe.md for its cost at this scale.
     return Config(
         model=ModelConfig(n_layer=2, d_model=128, n_head=8, d_head=16, d_mlp=512,
                           vocab_size=2048, block_size=128, afrac=0.25),

@@ -123,7 +123,7 @@ def train_bridges(dense: str | Path, workdir: str | Path, *, preset: str | None 
                                 jnp.asarray(val_NxBxL1[0, :, :-1]))
   state = train_lib.train(cfg, workdir, progress=progress, objective=objective,
                           tokenizer=tokenizer)
-  return evaluate_run(workdir, dense_cfg, dense_params, bcfg, state, cfg, val_NxBxL1)
+  return evaluate_run(workdir, cfg, dense_cfg, dense_params, bcfg, state, val_NxBxL1)
 
 
 def _val_batches(cfg: Config, tokenizer) -> np.ndarray:
@@ -131,7 +131,7 @@ def _val_batches(cfg: Config, tokenizer) -> np.ndarray:
   return dataset.val_batches(cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
 
 
-def evaluate_run(workdir: Path, dense_cfg: Config, dense_params, bcfg, state, cfg: Config,
+def evaluate_run(workdir: Path, cfg: Config, dense_cfg: Config, dense_params, bcfg, state,
                  val_NxBxL1: np.ndarray) -> dict:
   metrics = bridges.evaluate(state.params, dense_params, val_NxBxL1, cfg.model,
                              dense_cfg.model, bcfg)
@@ -157,6 +157,11 @@ def format_table(metrics: dict, n_layer: int) -> str:
 # --- steering ---
 
 
+def _circuit_path(workdir: Path, task: str) -> Path:
+  """Where experiments.prune writes the task's circuit in a run."""
+  return workdir / "circuits" / f"{circuits_lib.file_stem(task)}.json"
+
+
 def circuit_channel(workdir: Path, task: str, params, step: int, cfg: Config, arrays,
                     tokenizer) -> tuple[str, dict]:
   """The residual-read channel of the task's circuit whose removal hurts the task most.
@@ -164,7 +169,7 @@ def circuit_channel(workdir: Path, task: str, params, step: int, cfg: Config, ar
   Each candidate is scored by the task loss (on `arrays`) of the circuit without it, the rest
   of the model mean-ablated as in the search (the same means cache as experiments.prune).
   """
-  path = workdir / "circuits" / f"{circuits_lib.file_stem(task)}.json"
+  path = _circuit_path(workdir, task)
   prune = f"`python -m experiments.prune --workdir {workdir} --tasks {task}`"
   hint = f"run {prune} first, or pass --channel LAYER.SITE.CHANNEL"
   if not path.exists():
@@ -222,7 +227,7 @@ def steer(workdir: str | Path, task: str, channel: str | None = None, *, n_pairs
     channel, choice = circuit_channel(workdir, task, params, int(state.step), cfg, arrays,
                                       tokenizer)
     choice["how"] = "the circuit's residual-read channel whose removal raises the loss most"
-  circuit_path = workdir / "circuits" / f"{circuits_lib.file_stem(task)}.json"
+  circuit_path = _circuit_path(workdir, task)
   nodes = (circuits_lib.Circuit.from_json(circuit_path.read_text()).nodes
            if circuit_path.exists() else None)
   j, channels = bridges.parse_channel(channel, cfg.model, nodes)

@@ -151,7 +151,7 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
   T, N, target = len(taskset.names), masks.n_nodes(cfg), ccfg.target_loss
   settings = dataclasses.asdict(ccfg)
   ev = Evaluator(params, cfg, {"select": select, "test": test}, means, ccfg.eval_max_seqs,
-                 ccfg.lbfgs_steps)
+                 ccfg.lbfgs_steps, ccfg.eval_length_groups)
 
   ev.set_ranks(np.zeros((T, N)), np.arange(T))  # k = N keeps all, k = 0 none
   every, full, none = np.arange(T), np.full(T, N), np.zeros(T)

@@ -210,6 +210,10 @@ class CircuitConfig:
   heaviside_temp: float = 1.0  # temperature of the sigmoid-derivative surrogate
   steps: int = 500  # mask-training steps
   batch_size: int = 32  # task pairs per step
+  # Mask training splits each task's train pairs by length into this many equal strata and
+  # draws batch_size / strata pairs from each (an unbiased minibatch; each stratum is padded
+  # only to its own longest pair). 1: uniform draws over all pairs, as the paper.
+  train_length_strata: int = 1
   # Task loss the discretised circuit must reach: the per-sequence mean contrast loss (half
   # the authors' stored pair sum, so 0.15 here is 0.30 in their reading; PAPER.md §4).
   target_loss: float = 0.15
@@ -225,6 +229,9 @@ class CircuitConfig:
   calibrate: bool = True  # bisect on the loss after the logit scale+shift fit (PAPER.md §4)
   bisect_candidates: int = 8  # k values evaluated per task per bisection round
   eval_max_seqs: int = 1024  # sequences per batched evaluation call (bounds memory)
+  # Evaluation groups each split's pairs by length into this many groups, each padded only to
+  # its own longest sequence (exact; 1 pads every pair to the longest of all tasks).
+  eval_length_groups: int = 8
   seed: int = 0
 
   def __post_init__(self):
@@ -241,7 +248,12 @@ class CircuitConfig:
       if not isinstance(value, (int, float)) or value < 0:
         _fail("circuit.k_coef", f"must be >= 0, got {value!r}")
     _positive_int("circuit", self, "steps", "batch_size", "mean_batches", "n_train_pairs",
-                  "n_select_pairs", "n_heldout_pairs", "bisect_candidates", "eval_max_seqs")
+                  "n_select_pairs", "n_heldout_pairs", "bisect_candidates", "eval_max_seqs",
+                  "eval_length_groups", "train_length_strata")
+    for name in ("batch_size", "n_train_pairs"):
+      if getattr(self, name) % self.train_length_strata:
+        _fail("circuit.train_length_strata", f"must divide circuit.{name}="
+              f"{getattr(self, name)}, got {self.train_length_strata}")
     _fraction("circuit", "warmup_frac", self.warmup_frac, allow_zero=True)
     if not isinstance(self.calibrate, bool):
       _fail("circuit.calibrate", f"must be true or false, got {self.calibrate!r}")

@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sparse_jax import model as model_lib
 from sparse_jax.config import CircuitConfig, ModelConfig
 from sparse_jax.fileio import atomic_write
+from sparse_jax import tasks as tasks_lib
 from sparse_jax.tasks import TaskArrays, contrast_loss, pair_logit_diff
 
 log = logging.getLogger(__name__)
@@ -206,8 +207,8 @@ def init_mask_state(ccfg: CircuitConfig, n: int, task_id: jax.Array,
   return MaskState(tau_N, mask_optimizer(ccfg).init(tau_N), jnp.zeros((), jnp.int32))
 
 
-def mask_step(params, means: Means, state: MaskState, arrays: TaskArrays, k_coef: jax.Array,
-              task_id: jax.Array, *, cfg: ModelConfig, ccfg: CircuitConfig):
+def mask_step(params, means: Means, state: MaskState, arrays: TaskArrays | tuple[TaskArrays, ...],
+              k_coef: jax.Array, task_id: jax.Array, *, cfg: ModelConfig, ccfg: CircuitConfig):
   """One mask-training step for one task (vmap it over tasks and k_coef values).
 
   Args:
@@ -215,7 +216,9 @@ def mask_step(params, means: Means, state: MaskState, arrays: TaskArrays, k_coef
     means: {site: mean_C} ablation values.
     state: this search's MaskState.
     arrays: this task's train pairs (leading axis P); a minibatch of `ccfg.batch_size`
-      pairs is drawn with replacement, keyed by (seed, step, task_id).
+      pairs is drawn with replacement, keyed by (seed, step, task_id). Or S equal-sized
+      strata of them (`stratify`): batch_size / S pairs are drawn from each, so the
+      minibatch loss is an unbiased estimate of the same mean over all pairs.
     k_coef: penalty per kept node.
     task_id: int, keys the minibatch (and nothing else).
     cfg, ccfg: static configs.
@@ -223,14 +226,21 @@ def mask_step(params, means: Means, state: MaskState, arrays: TaskArrays, k_coef
   Returns:
     (new state, {"loss": task loss, "kept": nodes kept}), the metrics before the update.
   """
+  strata = (arrays,) if isinstance(arrays, TaskArrays) else tuple(arrays)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(ccfg.seed), 1), state.step)
   key = jax.random.fold_in(key, task_id)
-  idx_B = jax.random.randint(key, (ccfg.batch_size,), 0, arrays.tok_P.shape[0])
-  batch = jax.tree.map(lambda x: x[idx_B], arrays)
+  keys = [key] if len(strata) == 1 else [jax.random.fold_in(key, s) for s in range(len(strata))]
+  per_stratum = ccfg.batch_size // len(strata)
+  batches = []
+  for k, stratum in zip(keys, strata):
+    idx_b = jax.random.randint(k, (per_stratum,), 0, stratum.tok_P.shape[0])
+    batches.append(jax.tree.map(lambda x: x[idx_b], stratum))
 
   def loss_fn(tau_N):
     m_N = heaviside(tau_N, ccfg.heaviside_temp)
-    d_Bx2 = pair_logit_diff(params, cfg, batch, ablation=node_ablation(m_N, means, cfg))
+    ablation = node_ablation(m_N, means, cfg)
+    d_Bx2 = jnp.concatenate([pair_logit_diff(params, cfg, b, ablation=ablation)
+                             for b in batches])
     loss, _ = contrast_loss(d_Bx2)
     kept = jnp.sum(m_N)  # same surrogate gradient: the count is differentiable in tau
     return loss + k_coef * kept, (loss, kept)
@@ -270,8 +280,8 @@ def _init_states(task_ids_T: jax.Array, *, n: int, g: int, ccfg: CircuitConfig) 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "ccfg"), donate_argnames=("state",))
-def _train_chunk(params, means, state: MaskState, arrays: TaskArrays, k_coef_TxG, task_ids_T,
-                 n_steps: jax.Array, *, cfg: ModelConfig, ccfg: CircuitConfig):
+def _train_chunk(params, means, state: MaskState, strata: tuple[TaskArrays, ...], k_coef_TxG,
+                 task_ids_T, n_steps: jax.Array, *, cfg: ModelConfig, ccfg: CircuitConfig):
   """n_steps (traced: no recompile) vmapped steps; returns the state and last metrics."""
   step = functools.partial(mask_step, cfg=cfg, ccfg=ccfg)
   over_g = jax.vmap(step, in_axes=(None, None, 0, None, 0, None))
@@ -280,7 +290,7 @@ def _train_chunk(params, means, state: MaskState, arrays: TaskArrays, k_coef_TxG
   # Many steps per call: one dispatch, and XLA's temporaries are allocated once per call
   # instead of once per step (on CPU, large fresh buffers cost page faults every call).
   return jax.lax.fori_loop(
-      0, n_steps, lambda _, c: over_tg(params, means, c[0], arrays, k_coef_TxG, task_ids_T),
+      0, n_steps, lambda _, c: over_tg(params, means, c[0], strata, k_coef_TxG, task_ids_T),
       (state, {"loss": zeros_TxG, "kept": zeros_TxG}))
 
 
@@ -307,9 +317,15 @@ def train_masks(params, cfg: ModelConfig, arrays: TaskArrays, means: Means,
   """
   k_coefs_G = tuple(k_coefs_G or (ccfg.k_coef,))
   T, G = arrays.tok_P.shape[0], len(k_coefs_G)
+  S = ccfg.train_length_strata
+  if arrays.tok_P.shape[1] % S:
+    raise ValueError(f"train_masks: {arrays.tok_P.shape[1]} train pairs per task do not split "
+                     f"into circuit.train_length_strata={S} equal strata")
+  # Strata by length: each is padded only to its own longest pair (tasks.length_groups).
+  strata = (arrays,) if S == 1 else tasks_lib.length_groups(arrays, S)[0]
   mesh = task_mesh()
   n_dev = 1 if mesh is None else mesh.size
-  arrays = put(pad_tasks(arrays, n_dev), mesh, True)
+  strata = put(pad_tasks(strata, n_dev), mesh, True)
   task_ids = np.arange(T) if task_ids is None else np.asarray(task_ids)
   task_ids_T = put(pad_tasks(jnp.asarray(task_ids, jnp.int32), n_dev), mesh, True)
   k_coef_TxG = put(jnp.broadcast_to(jnp.asarray(k_coefs_G, jnp.float32),
@@ -320,7 +336,7 @@ def train_masks(params, cfg: ModelConfig, arrays: TaskArrays, means: Means,
   with tqdm.tqdm(total=ccfg.steps, desc=desc, disable=not progress) as bar:
     for start in range(0, ccfg.steps, chunk):
       n = min(chunk, ccfg.steps - start)
-      state, metrics = _train_chunk(params, means, state, arrays, k_coef_TxG, task_ids_T,
+      state, metrics = _train_chunk(params, means, state, strata, k_coef_TxG, task_ids_T,
                                     jnp.int32(n), cfg=cfg, ccfg=ccfg)
       if progress:
         bar.set_postfix(loss=float(jnp.mean(metrics["loss"][:T])),

@@ -206,6 +206,11 @@ def test_invalid_model_configs(field, value, match):
     (config_lib.CircuitConfig, {"target_loss": 0.0}, "circuit.target_loss"),
     (config_lib.CircuitConfig, {"n_select_pairs": 0}, "circuit.n_select_pairs"),
     (config_lib.CircuitConfig, {"calibrate": "yes"}, "circuit.calibrate"),
+    (config_lib.CircuitConfig, {"eval_length_groups": 0}, "circuit.eval_length_groups"),
+    (config_lib.CircuitConfig, {"train_length_strata": 3},
+     "circuit.train_length_strata.*must divide circuit.batch_size=32"),
+    (config_lib.CircuitConfig, {"train_length_strata": 4, "n_train_pairs": 30},
+     "circuit.train_length_strata.*must divide circuit.n_train_pairs=30"),
 ])
 def test_invalid_section_configs(section, kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -33,8 +33,8 @@ def get_config(name: str) -> Config:
                           log_every=10, ckpt_every=50),
         circuit=CircuitConfig(steps=100, batch_size=16, mean_batches=2))
   if name == "cpu":
-    # Laptop scale: ~4M tokens in ~17 minutes on 2 cores (the sweep's d128 sparse point took
-    # 992 s). Half the rows come from the generated everyday-Python corpus: on the standard
+    # Laptop scale: ~4M tokens in ~15 minutes on 2 cores (the sweep's d128 sparse point took
+    # 907 s). Half the rows come from the generated everyday-Python corpus: on the standard
     # library alone a model this size learns almost none of the tasks in this budget
     # (issue 6). AbsTopK as in the authors' script (1/4 at all eight sites); see
     # docs/recipe.md for its cost at this scale.
@@ -93,7 +93,7 @@ def get_sweep(name: str) -> SweepConfig:
 
   tiny: a plumbing check (whole sweep in about 3 minutes on 2 cores, used by the end-to-end
     test); its models learn next to nothing, so its circuit target is a loose 1.0 nats.
-  cpu: the default, on a laptop CPU in about 70 minutes (measured: docs/report.md).
+  cpu: the default, on a laptop CPU in about 50 minutes (measured: docs/report.md).
   tpu: 4 layers, widths 128 and 256, for one TPU host (notebooks/colab_tpu.ipynb).
   paper: the paper's depth-8 grid (Fig 3) for accelerators.
   """

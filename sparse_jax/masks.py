@@ -13,7 +13,9 @@
    N(init_noise_bias, init_noise_scale^2). Defaults are Table 2's centres.
 3. vmap. `mask_step` trains one task; `train_masks` runs it as one jitted program vmapped
    over tasks (outer axis) and a grid of k_coef values (inner axis), the task axis sharded
-   over a 1-D ("data",) mesh of the local devices when there are several.
+   over a 1-D ("data",) mesh of the local devices when there are several. With
+   `circuit.train_length_strata` S > 1 each task's pairs are split by length into S strata,
+   each padded only to its own longest pair, and every minibatch draws equally from each.
 
 `circuits.py` discretises the trained masks into circuits. Shapes: T tasks, G k_coef grid
 values, N nodes, P pairs, C channels of one site.
@@ -35,9 +37,9 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sparse_jax import model as model_lib
+from sparse_jax import tasks as tasks_lib
 from sparse_jax.config import CircuitConfig, ModelConfig
 from sparse_jax.fileio import atomic_write
-from sparse_jax import tasks as tasks_lib
 from sparse_jax.tasks import TaskArrays, contrast_loss, pair_logit_diff
 
 log = logging.getLogger(__name__)
@@ -216,9 +218,10 @@ def mask_step(params, means: Means, state: MaskState, arrays: TaskArrays | tuple
     means: {site: mean_C} ablation values.
     state: this search's MaskState.
     arrays: this task's train pairs (leading axis P); a minibatch of `ccfg.batch_size`
-      pairs is drawn with replacement, keyed by (seed, step, task_id). Or S equal-sized
-      strata of them (`stratify`): batch_size / S pairs are drawn from each, so the
-      minibatch loss is an unbiased estimate of the same mean over all pairs.
+      pairs is drawn with replacement, keyed by (seed, step, task_id). Or a tuple of S
+      equal-sized strata of them (`train_masks` makes them by length): batch_size / S
+      pairs are drawn from each, so the minibatch loss estimates the same mean over all
+      pairs, without bias.
     k_coef: penalty per kept node.
     task_id: int, keys the minibatch (and nothing else).
     cfg, ccfg: static configs.

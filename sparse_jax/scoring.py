@@ -132,7 +132,8 @@ def _score(d_CxPx2: jax.Array, ab_Cx2: jax.Array):
 
 
 class Evaluator:
-  """Evaluates many candidate circuits in fixed-size vmapped chunks (one compile per split).
+  """Evaluates many candidate circuits in fixed-size vmapped chunks (one compile per split
+  size: splits with as many pairs share a program).
 
   Each split's pairs are evaluated in `n_groups` groups by length (`tasks.length_groups`:
   exact, and on the 20 tasks about 40% fewer token positions than padding every pair to the

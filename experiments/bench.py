@@ -14,6 +14,10 @@
   with and without AbsTopK 1/4 at all eight sites and dense: tokens/s, achieved GFLOP/s and
   the fraction of a matmul bound measured in the same run (plain fp32 matmuls of the step's
   shapes), plus the AbsTopK/no-AbsTopK and sparse/dense step ratios.
+- length_groups (`--only length_groups`): circuit search with task pairs grouped by length
+  against every pair padded to the longest (a random model, synthetic ragged pairs;
+  `--preset`/`--set` are ignored): evaluation in 8 groups vs 1 (exact), mask training with 4
+  length strata vs uniform draws.
 Timings alternate between the two variants and report medians, since the machine is shared.
 """
 
@@ -40,7 +44,7 @@ from sparse_jax import train as train_lib
 from sparse_jax.config import Config, apply_overrides
 
 
-SECTIONS = ("optimizer", "train_step", "circuits", "peer_config")
+SECTIONS = ("optimizer", "train_step", "circuits", "peer_config", "length_groups")
 
 
 def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int):
@@ -230,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     out["circuits"] = bench_circuits.bench_circuit_search(n_tasks=20, steps=10)
   if "peer_config" in sections:
     out["peer_config"] = bench_peer_config(args.repeats)
+  if "length_groups" in sections:
+    from experiments import bench_circuits  # pylint: disable=import-outside-toplevel
+    out["length_groups"] = bench_circuits.bench_length_groups()
   json.dump(out, sys.stdout, indent=2)
   print()
   return 0

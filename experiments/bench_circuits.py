@@ -109,6 +109,71 @@ def bench_circuit_search(n_tasks: int = 20, steps: int = 20, *, cfg: ModelConfig
           "ratio": best["loop_s"] / best["vmapped_s"], "max_tau_diff": max_diff}
 
 
+def ragged_tasks(cfg: ModelConfig, n_tasks: int, n_pairs: int, seq_len: int,
+                 seed: int) -> TaskArrays:
+  """`_synthetic_tasks` with lengths shaped like the 20 tasks': most pairs near 40% of the
+  longest, a few long ones (every task has one pair at seq_len)."""
+  arrays = _synthetic_tasks(cfg, n_tasks, n_pairs, seq_len, seed)
+  rng = np.random.default_rng(seed + 1)
+  last_TxP = np.clip(rng.normal(0.4 * seq_len, 0.15 * seq_len, (n_tasks, n_pairs)), 4,
+                     seq_len - 1).astype(np.int32)
+  last_TxP[:, 0] = seq_len - 1
+  tokens = np.where(np.arange(seq_len) > last_TxP[:, :, None, None], 0,
+                    np.asarray(arrays.tokens_Px2xL))
+  return arrays.replace(tokens_Px2xL=jnp.asarray(tokens, jnp.int32),
+                        last_Px2=jnp.asarray(np.repeat(last_TxP[..., None], 2, -1)))
+
+
+def bench_length_groups(n_tasks: int = 20, *, cfg: ModelConfig = BENCH_MODEL, seq_len: int = 64,
+                        n_pairs: int = 64, steps: int = 10, n_candidates: int = 64,
+                        repeats: int = 3, seed: int = 0) -> dict:
+  """Circuit search with pairs grouped by length against every pair padded to the longest.
+
+  Evaluation: `scoring.Evaluator.d` for n_candidates random circuits, 8 length groups vs 1
+  (`max_d_diff`: the largest difference of the logit differences; exact up to float rounding,
+  except that with AbsTopK a rounding-level near-tie can flip one channel: 1 of 4,096 values
+  moved by 0.012 on this model, none beyond 2e-7 without AbsTopK). Mask training:
+  `masks.train_masks` with 4 length strata vs uniform draws over all pairs (same expected
+  minibatch loss, other draws). Both sides compiled first, timed interleaved, best kept.
+  """
+  from sparse_jax import scoring  # pylint: disable=import-outside-toplevel
+
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+  means = {site: jnp.zeros(w) for site, w in model_lib.node_sites(cfg).items()}
+  arrays = ragged_tasks(cfg, n_tasks, n_pairs, seq_len, seed)
+  n = masks.n_nodes(cfg)
+  rng = np.random.default_rng(seed)
+  rank_TxN = np.stack([rng.permutation(n) for _ in range(n_tasks)])
+  unit_C, k_C = rng.integers(0, n_tasks, n_candidates), rng.integers(0, n, n_candidates)
+  evs = []
+  for groups in (1, 8):
+    ev = scoring.Evaluator(params, cfg, {"s": arrays}, means, 1024, 16, groups)
+    ev.set_ranks(rank_TxN, np.arange(n_tasks))
+    evs.append(ev)
+  ccfgs = [CircuitConfig(steps=steps, batch_size=16, n_train_pairs=n_pairs,
+                         train_length_strata=s, seed=seed) for s in (1, 4)]
+  fns = {"eval_1_group_s": lambda: evs[0].d("s", unit_C, k_C),
+         "eval_8_groups_s": lambda: evs[1].d("s", unit_C, k_C),
+         "masks_uniform_s": lambda: masks.train_masks(params, cfg, arrays, means, ccfgs[0]),
+         "masks_4_strata_s": lambda: masks.train_masks(params, cfg, arrays, means, ccfgs[1])}
+  max_diff = float(np.max(np.abs(fns["eval_1_group_s"]() - fns["eval_8_groups_s"]())))
+  for key in ("masks_uniform_s", "masks_4_strata_s"):
+    fns[key]()
+  times = {key: [] for key in fns}
+  for _ in range(repeats):
+    for key, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[key].append(time.perf_counter() - t0)
+  best = {key: min(ts) for key, ts in times.items()}
+  real = float((np.asarray(arrays.last_Px2) + 1).mean() / seq_len)
+  return {"n_tasks": n_tasks, "n_pairs": n_pairs, "seq_len": seq_len,
+          "real_token_fraction": real, "n_candidates": n_candidates, "mask_steps": steps, **best,
+          "eval_ratio": best["eval_1_group_s"] / best["eval_8_groups_s"],
+          "masks_ratio": best["masks_uniform_s"] / best["masks_4_strata_s"],
+          "max_d_diff": max_diff}
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--n-tasks", type=int, default=20)

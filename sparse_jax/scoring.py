@@ -136,7 +136,7 @@ class Evaluator:
   size: splits with as many pairs share a program).
 
   Each split's pairs are evaluated in `n_groups` groups by length (`tasks.length_groups`:
-  exact, and on the 20 tasks about 40% fewer token positions than padding every pair to the
+  exact up to float rounding, and on the 20 tasks about 40% fewer token positions than padding every pair to the
   longest); `d` returns them in the split's own order.
   """
 

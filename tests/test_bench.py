@@ -1,6 +1,9 @@
 """Bench helpers: the peer config's FLOP count and the interleaved timer (no timings asserted)."""
 
+import numpy as np
+
 from experiments import bench
+from experiments import bench_circuits
 from experiments import presets
 from sparse_jax.config import apply_overrides
 
@@ -20,3 +23,12 @@ def test_time_interleaved_runs_each_fn_warmup_plus_repeats_in_turn():
   medians = bench.time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 3)
   assert calls == ["a", "b"] * 4
   assert len(medians) == 2 and all(m >= 0 for m in medians)
+
+
+def test_ragged_bench_tasks_are_right_padded_and_mostly_short():
+  arrays = bench_circuits.ragged_tasks(bench_circuits.BENCH_MODEL, 3, 16, 32, seed=0)
+  last_TxPx2 = np.asarray(arrays.last_Px2)
+  tokens = np.asarray(arrays.tokens_Px2xL)
+  assert (last_TxPx2[:, 0] == 31).all() and ((last_TxPx2 + 1).mean() / 32) < 0.6
+  past_end = np.arange(32) > last_TxPx2[..., None]
+  assert (tokens[past_end] == 0).all()

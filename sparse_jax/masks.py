@@ -37,7 +37,7 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sparse_jax import model as model_lib
-from sparse_jax import tasks as tasks_lib
+from sparse_jax import task_groups
 from sparse_jax.config import CircuitConfig, ModelConfig
 from sparse_jax.fileio import atomic_write
 from sparse_jax.tasks import TaskArrays, contrast_loss, pair_logit_diff
@@ -324,8 +324,8 @@ def train_masks(params, cfg: ModelConfig, arrays: TaskArrays, means: Means,
   if arrays.tok_P.shape[1] % S:
     raise ValueError(f"train_masks: {arrays.tok_P.shape[1]} train pairs per task do not split "
                      f"into circuit.train_length_strata={S} equal strata")
-  # Strata by length: each is padded only to its own longest pair (tasks.length_groups).
-  strata = (arrays,) if S == 1 else tasks_lib.length_groups(arrays, S)[0]
+  # Strata by length: each is padded only to its own longest pair (task_groups.length_groups).
+  strata = (arrays,) if S == 1 else task_groups.length_groups(arrays, S)[0]
   mesh = task_mesh()
   n_dev = 1 if mesh is None else mesh.size
   strata = put(pad_tasks(strata, n_dev), mesh, True)

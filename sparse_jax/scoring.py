@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from sparse_jax import masks
+from sparse_jax import task_groups
 from sparse_jax import tasks as tasks_lib
 from sparse_jax.config import CircuitConfig, ModelConfig
 from sparse_jax.tasks import TaskArrays, TaskSet, contrast_loss, pair_logit_diff
@@ -135,9 +136,10 @@ class Evaluator:
   """Evaluates many candidate circuits in fixed-size vmapped chunks (one compile per split
   size: splits with as many pairs share a program).
 
-  Each split's pairs are evaluated in `n_groups` groups by length (`tasks.length_groups`:
-  exact up to float rounding, and on the 20 tasks about 40% fewer token positions than padding every pair to the
-  longest); `d` returns them in the split's own order.
+  Each split's pairs are evaluated in `n_groups` groups by length
+  (`task_groups.length_groups`: exact up to float rounding, and on the 20 tasks about 40%
+  fewer token positions than padding every pair to the longest); `d` returns them in the
+  split's own order.
   """
 
   def __init__(self, params, cfg: ModelConfig, splits: dict[str, TaskArrays], means,
@@ -146,7 +148,7 @@ class Evaluator:
     n_dev = 1 if self.mesh is None else self.mesh.size
     self.chunk, self.order, groups = {}, {}, {}
     for split, arrays in splits.items():
-      groups[split], self.order[split] = tasks_lib.length_groups(arrays, n_groups)
+      groups[split], self.order[split] = task_groups.length_groups(arrays, n_groups)
       chunk = max(1, max_seqs // (2 * arrays.tok_P.shape[1]))
       self.chunk[split] = -(-chunk // n_dev) * n_dev  # the chunk axis is split over devices
     # Splits of equal size share one program: each group padded to its longest over them
@@ -155,7 +157,7 @@ class Evaluator:
       same = [split for split, a in splits.items() if a.tok_P.shape == size]
       L_G = np.max([[g.tokens_Px2xL.shape[-1] for g in groups[s]] for s in same], axis=0)
       for s in same:
-        groups[s] = tuple(tasks_lib.pad_columns(g, L) for g, L in zip(groups[s], L_G))
+        groups[s] = tuple(task_groups.pad_columns(g, L) for g, L in zip(groups[s], L_G))
     self.params, self.means, self.groups = masks.put((params, means, groups), self.mesh, False)
 
   def set_ranks(self, rank_UxN: np.ndarray, task_U: np.ndarray) -> None:
@@ -176,7 +178,7 @@ class Evaluator:
       outs.append(_circuit_d(self.params, self.means, self.groups[split], self.rank, self.task,
                              *args, cfg=self.cfg))
     d_CxPx2 = np.concatenate(jax.device_get(outs))[:C]
-    return tasks_lib.ungroup(d_CxPx2, self.order[split][self.task_U[unit_C]])
+    return task_groups.ungroup(d_CxPx2, self.order[split][self.task_U[unit_C]])
 
   def scores(self, split: str, unit_C, k_C, invert_C=None, ab_Cx2=None) -> Scores:
     """Scores of candidates on a split; the scale + shift is fitted on this split's d unless

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sparse_jax import circuits, edges, masks, scoring, viz
-from sparse_jax import tasks as tasks_lib
+from sparse_jax import task_groups
 from sparse_jax import model as model_lib
 from sparse_jax.config import CircuitConfig, ModelConfig
 from sparse_jax.tasks import TaskArrays, TaskSet, contrast_loss, pair_logit_diff
@@ -295,7 +295,7 @@ def ragged_tasks(cfg, T=3, P=10, L=24, seed=0) -> TaskArrays:
 
 def test_length_groups_drop_only_padding(tiny_model_cfg):
   arrays = ragged_tasks(tiny_model_cfg)
-  groups, order_TxP = tasks_lib.length_groups(arrays, 4)
+  groups, order_TxP = task_groups.length_groups(arrays, 4)
   assert [g.tok_P.shape for g in groups] == [(3, 2), (3, 3), (3, 3), (3, 2)]
   longest = np.asarray(arrays.last_Px2).max(-1)  # T x P
   for t in range(3):  # each task's pairs sorted by length; every pair in exactly one group
@@ -315,7 +315,7 @@ def test_length_groups_drop_only_padding(tiny_model_cfg):
             arrays.tok_P[t, p], arrays.alt_P[t, p], arrays.vs_rest_P[t, p])
   d = np.arange(30.0).reshape(1, 10, 3)
   np.testing.assert_array_equal(
-      tasks_lib.ungroup(d[:, order_TxP[1]], order_TxP[1][None]), d)
+      task_groups.ungroup(d[:, order_TxP[1]], order_TxP[1][None]), d)
 
 
 def test_evaluator_by_length_groups_matches_the_plain_forward(tiny_model_cfg):

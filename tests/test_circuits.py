@@ -331,12 +331,15 @@ def test_evaluator_by_length_groups_matches_the_plain_forward(tiny_model_cfg):
   task_U = np.array([0, 1, 2, 1])
   unit_C, k_C, invert_C = np.array([0, 1, 2, 3, 3, 2]), np.array([N, 5, 40, 0, 17, N // 2]), \
       np.array([False, False, True, False, True, False])
+  # One compiled reference for all candidates (every task has the same shapes); called
+  # eagerly, each candidate recompiled the AbsTopK forward (~7 s apiece).
+  plain = jax.jit(lambda keep_N, one: pair_logit_diff(
+      params, cfg, one, ablation=masks.node_ablation(keep_N, means, cfg)))
   want = []
   for u, k, inv in zip(unit_C, k_C, invert_C):
     keep_N = (rank_UxN[u] < k) != inv
     one = jax.tree.map(lambda x: x[task_U[u]], arrays)
-    want.append(pair_logit_diff(params, cfg, one, ablation=masks.node_ablation(
-        jnp.asarray(keep_N, jnp.float32), means, cfg)))
+    want.append(plain(jnp.asarray(keep_N, jnp.float32), one))
   for n_groups in (1, 4):
     ev = scoring.Evaluator(params, cfg, {"s": arrays}, means, max_seqs=40, lbfgs_steps=4,
                            n_groups=n_groups)

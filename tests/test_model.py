@@ -121,7 +121,9 @@ def test_next_token_loss_is_mean_cross_entropy(tiny_model_cfg):
   cfg = _full_cfg(tiny_model_cfg)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(8))
   tokens = jax.random.randint(jax.random.PRNGKey(9), (3, 11), 0, cfg.vocab_size)
-  logits = np.asarray(model_lib.forward(params, tokens[:, :-1], cfg), np.float64)
+  # jitted: called eagerly, the AbsTopK blocks' lax.map compiles anew on every call
+  logits = np.asarray(jax.jit(lambda t: model_lib.forward(params, t, cfg))(tokens[:, :-1]),
+                      np.float64)
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   expect = -np.take_along_axis(logp, np.asarray(tokens)[:, 1:, None], -1).mean()
@@ -160,8 +162,9 @@ def test_positions_unembed_only_the_requested_positions(tiny_model_cfg):
   params = model_lib.init_params(cfg, jax.random.PRNGKey(10))
   tokens = jax.random.randint(jax.random.PRNGKey(11), (3, 9), 0, cfg.vocab_size)
   positions_B = jnp.array([8, 0, 4])
-  full = model_lib.forward(params, tokens, cfg)
-  picked = model_lib.forward(params, tokens, cfg, positions_B=positions_B)
+  full = jax.jit(lambda t: model_lib.forward(params, t, cfg))(tokens)
+  picked = jax.jit(lambda t, p: model_lib.forward(params, t, cfg, positions_B=p))(
+      tokens, positions_B)
   chex.assert_shape(picked, (3, cfg.vocab_size))
   np.testing.assert_allclose(picked, full[jnp.arange(3), positions_B], rtol=1e-5, atol=1e-6)
 

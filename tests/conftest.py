@@ -1,5 +1,6 @@
-"""Shared pytest fixtures: tiny configs that run in seconds on a 2-core CPU, and a
-tiktoken-format tokenizer file (tests of the authors' format)."""
+"""Shared pytest setup: one XLA compilation cache per session (below), tiny configs that run
+in seconds on a 2-core CPU, and a tiktoken-format tokenizer file (tests of the authors'
+format)."""
 
 import atexit
 import os

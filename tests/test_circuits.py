@@ -406,28 +406,40 @@ def test_plot_many_nodes_caps_edges(tiny_model_cfg, tmp_path):
 _SUBPROCESS = """
 import json, sys
 sys.path.insert(0, {tests!r})
+import dataclasses
 import test_circuits as t
 import jax
 assert jax.device_count() == 4, jax.devices()
-print(json.dumps([c.to_dict() for c in t.run_planted(three=True)]))
+raw = dataclasses.replace(t.FAST, calibrate=False)
+print(json.dumps([[c.to_dict() for c in t.run_planted(ccfg, three=True)] for ccfg in (t.FAST, raw)]))
 """
 
 
 @pytest.mark.slow
+@pytest.mark.ci  # the only test of the sharded circuit search
 def test_four_devices_match_one():
-  """3 tasks (padded to 4) sharded over 4 simulated CPU devices give the same circuits."""
+  """3 tasks (padded to 4) sharded over 4 simulated CPU devices give the same circuits,
+  scored calibrated (the default) and raw."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}
   code = _SUBPROCESS.format(tests=os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
-  sharded = json.loads(out.stdout.strip().splitlines()[-1])
-  single = [c.to_dict() for c in run_planted(three=True)]
-  assert [c["task"] for c in sharded] == ["planted", "impossible", "planted_again"]
-  for a, b in zip(sharded, single):
-    assert a["nodes"] == b["nodes"] and a["edges"] == b["edges"]
-    assert a["solvable"] == b["solvable"]
-    for key in ("loss_full", "loss_empty", "loss_before", "loss_after"):
-      np.testing.assert_allclose(a[key] or 0.0, b[key] or 0.0, rtol=1e-3, atol=1e-6)
-  assert sharded[2]["nodes"] == PLANTED
+  sharded_cal, sharded_raw = json.loads(out.stdout.strip().splitlines()[-1])
+  raw = dataclasses.replace(FAST, calibrate=False)
+  for sharded, ccfg in ((sharded_cal, FAST), (sharded_raw, raw)):
+    single = [c.to_dict() for c in run_planted(ccfg, three=True)]
+    assert [c["task"] for c in sharded] == ["planted", "impossible", "planted_again"]
+    for a, b in zip(sharded, single):
+      assert a["nodes"] == b["nodes"] and a["edges"] == b["edges"]
+      assert a["solvable"] == b["solvable"]
+      for key in ("loss_full", "loss_empty", "loss_before", "loss_after"):
+        np.testing.assert_allclose(a[key] or 0.0, b[key] or 0.0, rtol=1e-3, atol=1e-6)
+  assert sharded_cal[0]["nodes"] == PLANTED_CALIBRATED
+  # Scored raw, the planted path is recovered exactly from either task's train pairs. Scored
+  # calibrated, planted_again's ranking puts q0 and its k read (r4) last, and the top 9 nodes
+  # already meet the target: with q ablated attention is near uniform, the polarity reaches
+  # the MLP at ~1/12 strength, and the fitted logit scale restores it (r5 and k0 stay in, inert without q0 and r4).
+  assert sharded_raw[0]["nodes"] == sharded_raw[2]["nodes"] == PLANTED
+  assert sharded_cal[2]["n_nodes"] < 10 and sharded_cal[2]["sufficiency"]["meets_target_test"]

@@ -251,10 +251,13 @@ def checkpoint_rows(sweep: sweep_lib.SweepConfig, out: Path) -> list[dict]:
 
 def make_sweep(preset: str, overrides: list[str] = (), *, widths: tuple[int, ...] | None = None,
                l0_targets: tuple[int, ...] | None = None) -> sweep_lib.SweepConfig:
-  """The preset's sweep with `section.field=value` overrides applied to its base config, and
-  optionally fewer (or other) widths and L0 targets than the preset's grid. The base width
-  stays the preset's, so every point keeps the config it has in the full grid."""
-  sweep = presets.get_sweep(preset)
+  """The preset's sweep with `section.field=value` overrides applied to its base config
+  (`sweep.field=value` ones to the sweep itself, e.g. sweep.sparse_lr=0.04), and optionally
+  fewer (or other) widths and L0 targets than the preset's grid. The base width stays the
+  preset's, so every point keeps the config it has in the full grid."""
+  sweep = sweep_lib.apply_sweep_overrides(
+      presets.get_sweep(preset), [o for o in overrides if o.startswith("sweep.")])
+  overrides = [o for o in overrides if not o.startswith("sweep.")]
   grid = {k: tuple(v) for k, v in (("widths", widths), ("l0_targets", l0_targets))
           if v is not None}
   grid["base_width"] = sweep.base_width or min(sweep.widths)
@@ -266,13 +269,14 @@ def make_sweep(preset: str, overrides: list[str] = (), *, widths: tuple[int, ...
 
 
 def describe_grid(sweep: sweep_lib.SweepConfig) -> str:
-  """One line per grid point: index, name, size and densities (what `--list` prints)."""
+  """One line per grid point: index, name, size, densities and peak lr (`--list` prints it)."""
   lines = []
   for i, p in enumerate(sweep_lib.grid(sweep)):
     m, s = p.config.model, p.config.sparsity
     dens = (f"weight density {s.weight_density:.4f}, embed {s.embed_density:.4f}"
             if s.enabled else "dense")
-    lines.append(f"{i:3d}  {p.name:24s} d_model={m.d_model} n_layer={m.n_layer} {dens}")
+    lines.append(f"{i:3d}  {p.name:24s} d_model={m.d_model} n_layer={m.n_layer} {dens}, "
+                 f"lr {p.config.optim.lr:g}")
   return "\n".join(lines)
 
 
@@ -370,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--tasks", default="all",
                       help="comma-separated task names to find circuits for, or all")
   parser.add_argument("--set", dest="overrides", action="append", default=[],
-                      metavar="SECTION.FIELD=VALUE", help="override the base config")
+                      metavar="SECTION.FIELD=VALUE",
+                      help="override the base config, or the sweep (sweep.sparse_lr=0.04)")
   parser.add_argument("--add", action="append", default=[], metavar="RUN",
                       help="also aggregate this pruned run (e.g. an imported model)")
   parser.add_argument("--no-progress", action="store_true")

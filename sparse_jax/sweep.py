@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import typing
 from typing import Any, Sequence
 
 import jax
@@ -56,6 +57,10 @@ class SweepConfig:
   # sweep then also prunes the dense checkpoints whose validation loss brackets each sparse
   # model's: loss-matched dense points along training (`bracketing_steps`).
   dense_ckpt_every: int | None = None
+  # Peak lr of the sparse points (None: the base config's optim.lr, which the dense points
+  # keep). At the cpu preset's size sparse models train better at 4x the dense models' rate
+  # (docs/ablations.md, "Learning rate per kind").
+  sparse_lr: float | None = None
 
   def __post_init__(self):
     if not self.widths:
@@ -80,10 +85,29 @@ class SweepConfig:
                               or not 0 < every < self.base.train.steps):
       raise ValueError(f"sweep.dense_ckpt_every: must be None or an integer in "
                        f"[1, train.steps={self.base.train.steps}), got {every!r}")
+    lr = self.sparse_lr
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
+                           or not 0 < lr < math.inf):
+      raise ValueError(f"sweep.sparse_lr: must be None or a positive finite number, got {lr!r}")
     d_head = self.base.model.d_head
     bad = [w for w in self.widths if w % d_head]
     if bad:
       raise ValueError(f"sweep.widths: {bad} not multiples of model.d_head={d_head}")
+
+
+def apply_sweep_overrides(sweep: SweepConfig, overrides: Sequence[str]) -> SweepConfig:
+  """sweep with `sweep.field=value` overrides (the sweep CLI's --set) applied."""
+  from sparse_jax.config import _parse_value  # the one CLI value parser
+
+  hints = {k: v for k, v in typing.get_type_hints(SweepConfig).items() if k != "base"}
+  changes = {}
+  for item in overrides:
+    key, _, text = item.partition("=")
+    field = key[len("sweep."):]
+    if field not in hints:
+      raise ValueError(f"{key}: unknown field; known: {', '.join(sorted(hints))}")
+    changes[field] = _parse_value(hints[field], text, key)
+  return dataclasses.replace(sweep, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +165,8 @@ def grid(sweep: SweepConfig) -> list[Point]:
                                   train=_dense_train(cfg.train, sweep.dense_ckpt_every))
       points.append(Point(f"d{width}_dense", width, None, dense))
     n_mat, n_emb = param_groups(cfg)
+    if sweep.sparse_lr is not None:
+      cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=sweep.sparse_lr))
     for l0 in sorted(sweep.l0_targets):
       rho, emb = densities_for_l0(l0, n_mat, n_emb, width / base_width)
       scfg = dataclasses.replace(cfg.sparsity, enabled=True, weight_density=rho,

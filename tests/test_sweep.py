@@ -158,6 +158,20 @@ def test_dense_ckpt_every_sets_the_dense_cadence_only():
       dataclasses.replace(sweep, dense_ckpt_every=bad)
 
 
+def test_sparse_lr_sets_the_sparse_points_rate_only():
+  sweep = scale_sweep.make_sweep("cpu", ["sweep.sparse_lr=0.04", "optim.lr=1/200"])
+  lrs = {p.name: p.config.optim.lr for p in sweep_lib.grid(sweep)}
+  assert lrs == {"d64_l0_120000": 0.04, "d128_dense": 0.005, "d128_l0_120000": 0.04}
+  plain = {p.name: p.config for p in sweep_lib.grid(scale_sweep.make_sweep("cpu"))}
+  for p in sweep_lib.grid(sweep):  # nothing else moves
+    assert dataclasses.replace(p.config.optim, lr=0.01) == plain[p.name].optim
+    assert p.config.sparsity == plain[p.name].sparsity
+  with pytest.raises(ValueError, match="sweep.sparse_lr: must be None or a positive"):
+    scale_sweep.make_sweep("cpu", ["sweep.sparse_lr=0"])
+  with pytest.raises(ValueError, match="sweep.lr: unknown field; known: .*sparse_lr"):
+    scale_sweep.make_sweep("cpu", ["sweep.lr=0.04"])
+
+
 def _mtimes(path):
   return {str(p): p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
 

@@ -52,7 +52,6 @@ read's input) rather than on the post-norm read: the decoder maps pre-norm resid
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any
 
 import jax
@@ -104,16 +103,10 @@ class BridgeConfig:
 
 def apply_overrides(bcfg: BridgeConfig, overrides: list[str]) -> BridgeConfig:
   """bcfg with `bridge.field=value` overrides (the CLI's --set) applied."""
-  from sparse_jax.config import _parse_value  # the one CLI value parser
+  from sparse_jax.config import parse_field_overrides  # the one CLI value parser
 
   d = dataclasses.asdict(bcfg)
-  hints = typing.get_type_hints(BridgeConfig)
-  for item in overrides:
-    key, _, text = item.partition("=")
-    field = key[len("bridge."):]
-    if field not in hints:
-      raise ValueError(f"{key}: unknown field; known: {', '.join(sorted(hints))}")
-    d[field] = _parse_value(hints[field], text, key)
+  d.update(parse_field_overrides(BridgeConfig, "bridge", overrides))
   return BridgeConfig.from_dict(d)
 
 

@@ -22,7 +22,7 @@ import json
 import math
 import types
 import typing
-from typing import Any
+from typing import Any, Sequence
 
 # AbsTopK locations, as the authors name them in `afrac_loctypes` (PAPER.md §1).
 LOCTYPES = ("attn_in", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_neuron", "mlp_out")
@@ -348,6 +348,20 @@ def _parse_value(field_type: Any, text: str, where: str) -> Any:
     return text
   except ValueError:
     raise ValueError(f"{where}: cannot parse {text!r} as {base}") from None
+
+
+def parse_field_overrides(cls: type, prefix: str, overrides: Sequence[str],
+                          exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+  """{field: value} from `prefix.field=value` items (a CLI's --set), typed by cls's fields."""
+  hints = {k: v for k, v in typing.get_type_hints(cls).items() if k not in exclude}
+  out = {}
+  for item in overrides:
+    key, _, text = item.partition("=")
+    field = key[len(prefix) + 1:]
+    if field not in hints:
+      raise ValueError(f"{key}: unknown field; known: {', '.join(sorted(hints))}")
+    out[field] = _parse_value(hints[field], text, key)
+  return out
 
 
 def eval_fraction(text: str) -> float:

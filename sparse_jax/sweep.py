@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import typing
 from typing import Any, Sequence
 
 import jax
@@ -33,7 +32,7 @@ import numpy as np
 
 from sparse_jax import model as model_lib
 from sparse_jax import sparsity
-from sparse_jax.config import Config, SparsityConfig, TrainConfig
+from sparse_jax.config import Config, SparsityConfig, TrainConfig, parse_field_overrides
 from sparse_jax.task_generators import TASKS
 
 CONTROL_TASKS = ("induction",)  # controls: reported apart, in no geometric mean
@@ -97,16 +96,7 @@ class SweepConfig:
 
 def apply_sweep_overrides(sweep: SweepConfig, overrides: Sequence[str]) -> SweepConfig:
   """sweep with `sweep.field=value` overrides (the sweep CLI's --set) applied."""
-  from sparse_jax.config import _parse_value  # the one CLI value parser
-
-  hints = {k: v for k, v in typing.get_type_hints(SweepConfig).items() if k != "base"}
-  changes = {}
-  for item in overrides:
-    key, _, text = item.partition("=")
-    field = key[len("sweep."):]
-    if field not in hints:
-      raise ValueError(f"{key}: unknown field; known: {', '.join(sorted(hints))}")
-    changes[field] = _parse_value(hints[field], text, key)
+  changes = parse_field_overrides(SweepConfig, "sweep", overrides, exclude=("base",))
   return dataclasses.replace(sweep, **changes)
 
 

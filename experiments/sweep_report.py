@@ -90,7 +90,8 @@ def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing:
       f"- corpus `{base.data.corpus}`, mixture: {mixture}; vocab {base.model.vocab_size}; "
       f"{base.train.steps} steps of {base.train.batch_size} x {base.train.seq_len} tokens "
       f"({base.train.steps * base.train.batch_size * base.train.seq_len / 1e6:.1f}M tokens) "
-      "per model",
+      f"per model, peak lr {base.optim.lr:g}"
+      + (f" (sparse models {sweep.sparse_lr:g})" if sweep.sparse_lr is not None else ""),
       f"- circuits: target task loss {primary} (also measured at "
       f"{[t for t in targets if t != primary]}), {base.circuit.steps} mask "
       f"steps of {base.circuit.batch_size} pairs, lr {base.circuit.lr}, k_coef "

@@ -208,6 +208,7 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
   assert results["targets"] == [0.8, 1.0, 1.5]
   report = (out / "report.md").read_text()
   assert "dense/sparse circuit size" in report and "frontier.png" in report
+  assert "per model, peak lr 0.01\n" in report  # one rate: no sparse_lr
   assert (out / "frontier.png").stat().st_size > 10_000
   assert (out / "circuit_size_vs_task_loss.png").stat().st_size > 10_000
   assert (out / "points" / "d48_dense" / "circuits" / "summary.json").exists()

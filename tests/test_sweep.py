@@ -159,10 +159,15 @@ def test_dense_ckpt_every_sets_the_dense_cadence_only():
 
 
 def test_sparse_lr_sets_the_sparse_points_rate_only():
-  sweep = scale_sweep.make_sweep("cpu", ["sweep.sparse_lr=0.04", "optim.lr=1/200"])
+  # The cpu preset: dense at the base rate, sparse at 4x (docs/ablations.md).
+  lrs = {p.name: p.config.optim.lr for p in sweep_lib.grid(scale_sweep.make_sweep("cpu"))}
+  assert lrs == {"d64_l0_120000": 0.04, "d128_dense": 0.01, "d128_l0_120000": 0.04}
+  sweep = scale_sweep.make_sweep("cpu", ["sweep.sparse_lr=0.02", "optim.lr=1/200"])
   lrs = {p.name: p.config.optim.lr for p in sweep_lib.grid(sweep)}
-  assert lrs == {"d64_l0_120000": 0.04, "d128_dense": 0.005, "d128_l0_120000": 0.04}
-  plain = {p.name: p.config for p in sweep_lib.grid(scale_sweep.make_sweep("cpu"))}
+  assert lrs == {"d64_l0_120000": 0.02, "d128_dense": 0.005, "d128_l0_120000": 0.02}
+  one_rate = scale_sweep.make_sweep("cpu", ["sweep.sparse_lr=None"])
+  assert {p.config.optim.lr for p in sweep_lib.grid(one_rate)} == {0.01}
+  plain = {p.name: p.config for p in sweep_lib.grid(one_rate)}
   for p in sweep_lib.grid(sweep):  # nothing else moves
     assert dataclasses.replace(p.config.optim, lr=0.01) == plain[p.name].optim
     assert p.config.sparsity == plain[p.name].sparsity

@@ -310,8 +310,9 @@ def collect(sweep: sweep_lib.SweepConfig, out: str | Path, *, command: str,
   rows = [r for r in (point_row(p, out, tasks) for p in points) if r is not None]
   missing = [p.name for p in points if not any(r["name"] == p.name for r in rows)]
   rows += [added_row(w, primary) for w in added]
-  # Pruned dense checkpoints enter the loss matching only: they were searched for the tasks
-  # of the sparse models they match, so the frontier and the model table leave them out.
+  # Pruned dense checkpoints were searched for the tasks of the sparse models they match
+  # only: they enter the loss matching, and the frontier as extra points over its shared
+  # tasks (where they solve them all), but not the model table or the shared-task sets.
   ckpt_rows = checkpoint_rows(sweep, out)
   targets = sorted(set(sweep_lib.targets_of(rows)) | {primary})
   frontiers = {t: sweep_lib.frontier(rows, t) for t in targets}

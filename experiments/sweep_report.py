@@ -22,10 +22,26 @@ def size_vs_target(row: dict, other: dict) -> list[tuple[float, float, int]]:
   return out
 
 
+def checkpoint_points(ckpt_rows: list[dict], shared: list[str], target: float
+                      ) -> list[tuple[float, float, str]]:
+  """(val loss, geometric-mean edges, "d128@750") of each pruned dense checkpoint that
+  solves every one of a frontier panel's shared tasks, so it sits on the panel's scale.
+  The checkpoints were searched for the sparse models' solved tasks, which include them."""
+  out = []
+  for c in ckpt_rows:
+    edges = sweep_lib.edges_at(c, target)
+    if shared and all(t in edges for t in shared):
+      out.append((c["val_loss"], sweep_lib.geomean([edges[t] for t in shared]),
+                  f"d{c['width']}@{c['step']}"))
+  return out
+
+
 def write_figures(rows: list[dict], frontiers: dict, pairs: dict, primary: float,
                   out: Path, ckpt_rows: list[dict] = ()) -> None:
   viz.plot_frontier(rows, {t: f[1] for t, f in frontiers.items()},
-                    {t: len(f[0]) for t, f in frontiers.items()}, str(out / "frontier.png"))
+                    {t: len(f[0]) for t, f in frontiers.items()}, str(out / "frontier.png"),
+                    checkpoints={t: checkpoint_points(ckpt_rows, shared, t)
+                                 for t, (shared, _) in frontiers.items()})
   if pairs.get(primary):
     best = pairs[primary][0]  # the matching (by validation loss) is the same at every target
     by_name = {r["name"]: r for r in list(rows) + list(ckpt_rows)}
@@ -196,8 +212,11 @@ def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing:
   if unavailable:
     lines += ["", "Unavailable with this tokenizer: " +
               "; ".join(f"{k}: {v}" for k, v in unavailable.items())]
-  lines += ["", "## Figures", "", "![frontier](frontier.png)", "",
-            "![circuit size vs task loss](circuit_size_vs_task_loss.png)", "",
+  lines += ["", "## Figures", "", "![frontier](frontier.png)", ""]
+  if ckpt_rows:
+    lines += ["Hollow squares: the loss-matched dense checkpoints, where they solve every task "
+              "of the panel's geometric mean.", ""]
+  lines += ["![circuit size vs task loss](circuit_size_vs_task_loss.png)", "",
             "## Time per point (seconds)", "",
             "| model | train | prune | prune loss-matched checkpoints |", "|---|---|---|---|"]
   for r in rows:

@@ -128,7 +128,8 @@ def plot_circuit(circuit, path: str, *, max_edges: int = 300,
   plt.close(fig)
 
 
-def plot_frontier(rows, geomeans: dict, n_shared: dict, path: str) -> None:
+def plot_frontier(rows, geomeans: dict, n_shared: dict, path: str,
+                  checkpoints: dict | None = None) -> None:
   """Pretraining loss vs geometric-mean circuit edges (Fig 3), one panel per target loss.
 
   Args:
@@ -136,6 +137,9 @@ def plot_frontier(rows, geomeans: dict, n_shared: dict, path: str) -> None:
     geomeans: {target: {model name: geometric-mean edges over the shared tasks}}.
     n_shared: {target: number of tasks every model meets there}.
     path: PNG to write.
+    checkpoints: {target: [(val_loss, geometric-mean edges over the same shared tasks,
+      label)]}: dense checkpoints along training, drawn as hollow squares (the dense
+      frontier at the sparse models' losses).
   """
   targets = sorted(geomeans)
   fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.8), squeeze=False)
@@ -155,6 +159,12 @@ def plot_frontier(rows, geomeans: dict, n_shared: dict, path: str) -> None:
       for r, y in pts:
         ax.annotate(f"d{r['width']}", (r["val_loss"], y), fontsize=8,
                     textcoords="offset points", xytext=(4, 4))
+    ckpts = sorted(p for p in (checkpoints or {}).get(target, ()) if math.isfinite(p[1]))
+    if ckpts:
+      ax.plot([p[0] for p in ckpts], [p[1] for p in ckpts], marker="s", linestyle=":",
+              color="black", markerfacecolor="none", label="dense checkpoints")
+      for x, y, label in ckpts:
+        ax.annotate(label, (x, y), fontsize=8, textcoords="offset points", xytext=(4, -10))
     ax.set_yscale("log")
     ax.set_xlabel("pretraining (validation) loss, nats/token")
     ax.set_ylabel("circuit size: geometric-mean edges")

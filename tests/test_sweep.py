@@ -10,6 +10,7 @@ import pytest
 
 from experiments import presets
 from experiments import scale_sweep
+from experiments import sweep_report
 from sparse_jax import checkpoint as ckpt_lib
 from sparse_jax import sweep as sweep_lib
 
@@ -143,6 +144,21 @@ def test_matched_pairs_use_dense_checkpoints_and_interpolate():
   # No checkpoint of the run lies above the sparse loss: no interpolation.
   pair, = sweep_lib.matched_pairs([final, mid, _row("s", 10, 3.5, {0.15: {A: 1}})], 0.15)
   assert pair["interpolated"] is None
+
+
+def test_frontier_checkpoint_points_use_the_panels_shared_tasks():
+  """A dense checkpoint is drawn on a frontier panel only if it solves every shared task
+  there, at the geometric mean over those tasks (not over all it solves)."""
+  ckpts = [dict(_row("d@500", None, 3.2, {0.15: {A: 100, B: 400}, 0.3: {A: 9}}), width=128,
+                step=500),
+           dict(_row("d@750", None, 3.1, {0.15: {A: 50}}, failing_test=(A,)), width=128,
+                step=750)]
+  assert sweep_report.checkpoint_points(ckpts, [A, B], 0.15) == [
+      (3.2, pytest.approx(200.0), "d128@500")]
+  assert sweep_report.checkpoint_points(ckpts, [A], 0.3) == [(3.2, pytest.approx(9.0),
+                                                             "d128@500")]
+  assert sweep_report.checkpoint_points(ckpts, [A, B], 0.3) == []  # B unsolved at 0.3
+  assert sweep_report.checkpoint_points(ckpts, [], 0.15) == []  # an empty panel stays empty
 
 
 def test_dense_ckpt_every_sets_the_dense_cadence_only():

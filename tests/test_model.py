@@ -169,6 +169,25 @@ def test_positions_unembed_only_the_requested_positions(tiny_model_cfg):
   np.testing.assert_allclose(picked, full[jnp.arange(3), positions_B], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_layer", [1, 2])
+def test_positions_with_ablation_match_the_full_forward(tiny_model_cfg, n_layer):
+  """The last layer runs only at the read positions: logits and ablation as the full model's."""
+  cfg = dataclasses.replace(_full_cfg(tiny_model_cfg), n_layer=n_layer)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(12))
+  tokens = jax.random.randint(jax.random.PRNGKey(13), (4, 11), 0, cfg.vocab_size)
+  positions_B = jnp.array([10, 0, 5, 7])
+  keys = iter(jax.random.split(jax.random.PRNGKey(14), 32))
+  ablation = {site: (jax.random.bernoulli(next(keys), 0.6, (c,)).astype(jnp.float32),
+                     jax.random.normal(next(keys), (c,)))
+              for site, c in model_lib.node_sites(cfg).items()}
+  full = jax.jit(lambda t, a: model_lib.forward(params, t, cfg, ablation=a))(tokens, ablation)
+  picked = jax.jit(lambda t, a, p: model_lib.forward(params, t, cfg, ablation=a, positions_B=p))(
+      tokens, ablation, positions_B)
+  want = full[jnp.arange(4), positions_B]
+  assert float(jnp.max(jnp.abs(want - full[:, 3]))) > 1e-2  # the positions read do differ
+  np.testing.assert_allclose(picked, want, rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_site_is_an_error(tiny_model_cfg):
   params = model_lib.init_params(tiny_model_cfg, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="unknown node site"):

@@ -56,9 +56,12 @@ def get_config(name: str) -> Config:
         # than Table 2's lr 3e-3, k_coef 1e-4 with 200 steps; k_coef 1e-2 collapses).
         # 0.075 is the paper's 0.15 if the paper's figure is the authors' stored pair sum.
         # Four length strata per minibatch: 2.5x faster mask training, same expected gradient.
+        # Two k values per bisection round: a CPU evaluates candidates one after another, so
+        # fewer per round is less work (docs/ablations.md, "Circuit search time").
         circuit=CircuitConfig(steps=200, batch_size=16, n_train_pairs=128, n_select_pairs=64,
                               n_heldout_pairs=64, lr=1e-2, k_coef_grid=(1e-3, 3e-3),
-                              extra_targets=(0.05, 0.075, 0.3), train_length_strata=4))
+                              extra_targets=(0.05, 0.075, 0.3), train_length_strata=4,
+                              bisect_candidates=2))
   if name == "tpu":
     # One TPU host (v2-8 / v5e-8 class, 8 cores): the sweep should give a real result in about
     # an hour (README "Open in Colab": an estimate from FLOPs, not yet measured). Twice the

@@ -20,7 +20,8 @@ chosen on shows as such (`sufficiency["meets_target"]` false).
    steps; with `calibrate=False`, the raw loss). Loss is assumed monotone in k; it is not
    exactly, so the search keeps the invariant "k = lo fails, k = hi meets" on scores it
    actually measured, and returns hi: the result meets the target on the selection pairs,
-   and one node fewer in the ranking does not (`scoring.bisect_k`).
+   and one node fewer in the ranking does not (`scoring.bisect_k`). Targets are searched
+   tightest first, and every score measured so far narrows the next target's first bracket.
 4. With a k_coef grid, keep per task the circuit with the fewest edges (then nodes, then
    selection score, then the earlier grid value).
 5. Test: the chosen circuit's loss on the test pairs, raw (`loss_before`) and with the
@@ -208,9 +209,12 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
   by_target = {}  # target -> {unit: _Found} over the units whose task can meet it
   for t in targets:
     units = np.flatnonzero(full_select[task_U] <= t)
+    # Every circuit already scored (at the other targets) narrows this target's search.
+    known_U = [{k: float(s.criterion(cal)) for (v, k), s in cache.items() if v == u}
+               for u in units.tolist()]
     k_U, _ = bisect_k(lambda u, k: score(select_scores(units[u], k)), N,
                       score(select_scores(units, np.zeros(len(units), np.int64))), t,
-                      ccfg.bisect_candidates)
+                      ccfg.bisect_candidates, known_U)
     by_target[t] = {}
     for u, k in zip(units.tolist(), k_U.tolist()):
       nodes = masks.nodes_from_keep(rank_UxN[u] < k, cfg)

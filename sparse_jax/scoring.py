@@ -214,7 +214,8 @@ def _spread(lo: int, hi: int, n: int) -> np.ndarray:
   return np.round(np.linspace(lo, hi, n + 2)[1:-1]).astype(np.int64)
 
 
-def bisect_k(loss_fn, n: int, loss_empty_U: np.ndarray, target: float, candidates: int = 8):
+def bisect_k(loss_fn, n: int, loss_empty_U: np.ndarray, target: float, candidates: int = 8,
+             known_U: Sequence[dict[int, float]] | None = None):
   """Smallest k per unit with loss(k) <= target, by a batched (candidates+1)-ary search.
 
   Args:
@@ -223,6 +224,10 @@ def bisect_k(loss_fn, n: int, loss_empty_U: np.ndarray, target: float, candidate
     loss_empty_U: loss(0) per unit; units meeting the target with k = 0 get k = 0.
     target: loss to reach.
     candidates: k values tried per unit per round.
+    known_U: per unit, losses {k: loss} already measured (e.g. while bisecting for another
+      target). They narrow the first bracket, keeping the invariant on measured scores:
+      hi is the smallest known k that meets the target, lo the largest known k below it
+      that misses.
 
   Returns:
     (k_U, loss_U): loss_U = loss(k_U) <= target, measured (or loss_empty for k = 0); and
@@ -234,6 +239,14 @@ def bisect_k(loss_fn, n: int, loss_empty_U: np.ndarray, target: float, candidate
   loss_hi = np.full(U, np.nan)
   empty_ok = loss_empty_U <= target
   hi[empty_ok], loss_hi[empty_ok] = 0, loss_empty_U[empty_ok]
+  for u, known in enumerate(known_U or ()):
+    if empty_ok[u]:
+      continue
+    meets = [k for k, loss in known.items() if 0 < k < n and loss <= target]
+    if meets:
+      hi[u] = min(meets)
+      loss_hi[u] = known[hi[u]]
+    lo[u] = max([k for k, loss in known.items() if 0 < k < hi[u] and loss > target], default=0)
   while True:
     active = np.flatnonzero(hi - lo > 1)
     if not active.size:

@@ -378,6 +378,31 @@ def test_bisect_k():
   assert l[0] <= target and bumpy(k) <= target and bumpy(k - 1) > target
 
 
+def test_bisect_k_known_scores_narrow_the_search():
+  """Scores measured at another target bracket the search: same answer, fewer evaluations."""
+  target, asked = 0.15, []
+  loss = lambda k: np.where(k >= 37, 0.1, np.where(k >= 30, 0.2, 0.5))
+
+  def loss_fn(unit_C, k_C):
+    asked.extend(np.asarray(k_C).tolist())
+    return loss(np.asarray(k_C))
+
+  k, _ = circuits.bisect_k(loss_fn, 1000, np.array([0.6]), target, 1)
+  cold = len(asked)
+  asked.clear()
+  known = [{500: 0.1, 40: 0.1, 31: 0.2, 10: 0.5, 900: 0.1}]
+  k_warm, l_warm = circuits.bisect_k(loss_fn, 1000, np.array([0.6]), target, 1, known)
+  assert k.tolist() == k_warm.tolist() == [37] and l_warm[0] == 0.1
+  assert all(31 < a < 40 for a in asked) and len(asked) < cold // 2
+  # Known neighbours that already pin k down: nothing is evaluated.
+  asked.clear()
+  k, l = circuits.bisect_k(loss_fn, 1000, np.array([0.6]), target, 1, [{36: 0.2, 37: 0.1}])
+  assert k.tolist() == [37] and l[0] == 0.1 and asked == []
+  # Units meeting the target with nothing kept ignore what is known.
+  k, _ = circuits.bisect_k(loss_fn, 1000, np.array([0.1]), target, 1, [{37: 0.1}])
+  assert k.tolist() == [0]
+
+
 def test_logit_scale_shift_fit():
   d = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 2)) * 0.1
                   + np.array([1.0, -1.0]) * 0.3 + 0.2, jnp.float32)

@@ -99,7 +99,7 @@ def get_sweep(name: str) -> SweepConfig:
 
   tiny: a plumbing check (whole sweep in about 3 minutes on 2 cores, used by the end-to-end
     test); its models learn next to nothing, so its circuit target is a loose 1.0 nats.
-  cpu: the default, on a laptop CPU in about 50 minutes (measured: docs/report.md).
+  cpu: the default, on a laptop CPU in about 45 minutes (measured: docs/report.md).
   tpu: 4 layers, widths 128 and 256, for one TPU host (notebooks/colab_tpu.ipynb).
   paper: the paper's depth-8 grid (Fig 3) for accelerators.
   """

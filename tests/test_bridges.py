@@ -176,7 +176,9 @@ def test_steering_at_strength_zero_is_the_dense_model_bitwise():
   pos = jnp.array([8, 5, 8, 0])
   # Op by op (as `steer` runs it): separately jitted programs may fuse differently and
   # differ in the last bit, which would hide whether the edit itself changes anything.
-  plain = model_lib.forward(dense, presented, DENSE, positions_B=pos)
+  # The full forward, read at pos: forward(positions_B=...) runs its last layer at those
+  # positions only, equal to this up to float rounding, not bitwise.
+  plain = model_lib.forward(dense, presented, DENSE)[jnp.arange(4), pos]
   for j in range(2):
     # The edit is the decoder's image of the channels' change, rho ratio included.
     h_p, h_c = (bridges.residuals(sparse, t, SPARSE)[0][j] for t in (presented, counterfactual))

@@ -34,6 +34,7 @@ Each task gives a `Circuit` record; `save_circuit` writes its JSON and graph PNG
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -210,8 +211,10 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
   for t in targets:
     units = np.flatnonzero(full_select[task_U] <= t)
     # Every circuit already scored (at the other targets) narrows this target's search.
-    known_U = [{k: float(s.criterion(cal)) for (v, k), s in cache.items() if v == u}
-               for u in units.tolist()]
+    known = collections.defaultdict(dict)  # unit -> {k: selection score}
+    for (u, k), scores in cache.items():
+      known[u][k] = float(scores.criterion(cal))
+    known_U = [known[u] for u in units.tolist()]
     k_U, _ = bisect_k(lambda u, k: score(select_scores(units[u], k)), N,
                       score(select_scores(units, np.zeros(len(units), np.int64))), t,
                       ccfg.bisect_candidates, known_U)

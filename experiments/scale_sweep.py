@@ -269,14 +269,14 @@ def make_sweep(preset: str, overrides: list[str] = (), *, widths: tuple[int, ...
 
 
 def describe_grid(sweep: sweep_lib.SweepConfig) -> str:
-  """One line per grid point: index, name, size, densities and peak lr (`--list` prints it)."""
+  """One line per grid point: index, name, size, densities, peak lr and steps (`--list` prints it)."""
   lines = []
   for i, p in enumerate(sweep_lib.grid(sweep)):
     m, s = p.config.model, p.config.sparsity
     dens = (f"weight density {s.weight_density:.4f}, embed {s.embed_density:.4f}"
             if s.enabled else "dense")
     lines.append(f"{i:3d}  {p.name:24s} d_model={m.d_model} n_layer={m.n_layer} {dens}, "
-                 f"lr {p.config.optim.lr:g}")
+                 f"lr {p.config.optim.lr:g}, {p.config.train.steps} steps")
   return "\n".join(lines)
 
 

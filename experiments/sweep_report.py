@@ -92,6 +92,12 @@ def headline(pairs: dict, primary: float) -> dict | None:
   return best
 
 
+def _steps(tc, steps: int) -> str:
+  """'N steps of B x L tokens (xM tokens)'."""
+  return (f"{steps} steps of {tc.batch_size} x {tc.seq_len} tokens "
+          f"({steps * tc.batch_size * tc.seq_len / 1e6:.1f}M tokens)")
+
+
 def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing: list[str],
                  out: Path, *, command: str, ckpt_rows: list[dict] = (),
                  added: list[str] = ()) -> None:
@@ -104,9 +110,10 @@ def write_report(sweep, rows: list[dict], frontiers: dict, pairs: dict, missing:
       f"- depth {base.model.n_layer} layers, widths {list(sweep.widths)}, L0 targets "
       f"{list(sweep.l0_targets)}, dense baselines: {_dense_widths(sweep)}",
       f"- corpus `{base.data.corpus}`, mixture: {mixture}; vocab {base.model.vocab_size}; "
-      f"{base.train.steps} steps of {base.train.batch_size} x {base.train.seq_len} tokens "
-      f"({base.train.steps * base.train.batch_size * base.train.seq_len / 1e6:.1f}M tokens) "
-      f"per model, peak lr {base.optim.lr:g}"
+      f"{_steps(base.train, base.train.steps)} per model"
+      + (f" (sparse models {_steps(base.train, sweep.sparse_steps)})"
+         if sweep.sparse_steps is not None else "")
+      + f", peak lr {base.optim.lr:g}"
       + (f" (sparse models {sweep.sparse_lr:g})" if sweep.sparse_lr is not None else ""),
       f"- circuits: target task loss {primary} (also measured at "
       f"{[t for t in targets if t != primary]}), {base.circuit.steps} mask "

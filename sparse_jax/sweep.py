@@ -60,6 +60,10 @@ class SweepConfig:
   # keep). At the cpu preset's size sparse models train better at 4x the dense models' rate
   # (docs/ablations.md, "Learning rate per kind").
   sparse_lr: float | None = None
+  # Training steps of the sparse points (None: the base config's train.steps, which the dense
+  # points keep). The dense run's checkpoints give the loss-matched points, so the sparse
+  # models can train longer without the dense one (docs/ablations.md, "Steps").
+  sparse_steps: int | None = None
 
   def __post_init__(self):
     if not self.widths:
@@ -88,6 +92,10 @@ class SweepConfig:
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
                            or not 0 < lr < math.inf):
       raise ValueError(f"sweep.sparse_lr: must be None or a positive finite number, got {lr!r}")
+    steps = self.sparse_steps
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                              or steps <= 0):
+      raise ValueError(f"sweep.sparse_steps: must be None or a positive integer, got {steps!r}")
     d_head = self.base.model.d_head
     bad = [w for w in self.widths if w % d_head]
     if bad:
@@ -157,6 +165,9 @@ def grid(sweep: SweepConfig) -> list[Point]:
     n_mat, n_emb = param_groups(cfg)
     if sweep.sparse_lr is not None:
       cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=sweep.sparse_lr))
+    if sweep.sparse_steps is not None:
+      cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                               steps=sweep.sparse_steps))
     for l0 in sorted(sweep.l0_targets):
       rho, emb = densities_for_l0(l0, n_mat, n_emb, width / base_width)
       scfg = dataclasses.replace(cfg.sparsity, enabled=True, weight_density=rho,

@@ -193,6 +193,25 @@ def test_sparse_lr_sets_the_sparse_points_rate_only():
     scale_sweep.make_sweep("cpu", ["sweep.lr=0.04"])
 
 
+def test_sparse_steps_set_the_sparse_points_steps_only():
+  # The cpu preset: the sparse points train 1.5x longer than the dense one.
+  steps = {p.name: p.config.train.steps for p in sweep_lib.grid(scale_sweep.make_sweep("cpu"))}
+  assert steps == {"d64_l0_120000": 3000, "d128_dense": 2000, "d128_l0_120000": 3000}
+  base = {p.name: p.config for p in sweep_lib.grid(scale_sweep.make_sweep("cpu", [
+      "sweep.sparse_steps=None"]))}
+  sweep = scale_sweep.make_sweep("cpu", ["sweep.sparse_steps=3500"])
+  steps = {p.name: p.config.train.steps for p in sweep_lib.grid(sweep)}
+  dense_steps = base["d128_dense"].train.steps
+  assert steps == {"d64_l0_120000": 3500, "d128_dense": dense_steps, "d128_l0_120000": 3500}
+  for p in sweep_lib.grid(sweep):  # nothing else moves
+    assert dataclasses.replace(p.config.train, steps=base[p.name].train.steps) == (
+        base[p.name].train)
+    assert dataclasses.replace(p.config, train=base[p.name].train) == base[p.name]
+  for bad in (0, -5, 2.5, True):
+    with pytest.raises(ValueError, match="sweep.sparse_steps: must be None or a positive"):
+      dataclasses.replace(sweep, sparse_steps=bad)
+
+
 def _mtimes(path):
   return {str(p): p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
 

@@ -99,7 +99,7 @@ def get_sweep(name: str) -> SweepConfig:
 
   tiny: a plumbing check (whole sweep in about 3 minutes on 2 cores, used by the end-to-end
     test); its models learn next to nothing, so its circuit target is a loose 1.0 nats.
-  cpu: the default, on a laptop CPU in about 45 minutes (measured: docs/report.md).
+  cpu: the default, on a laptop CPU in under an hour (measured: docs/report.md).
   tpu: 4 layers, widths 128 and 256, for one TPU host (notebooks/colab_tpu.ipynb).
   paper: the paper's depth-8 grid (Fig 3) for accelerators.
   """
@@ -126,8 +126,11 @@ def get_sweep(name: str) -> SweepConfig:
     # both axes). L0 60k met no task at 0.15 in the 2026-11-22 sweep (docs/report.md then).
     # sparse_lr 4e-2: the sparse models train best at 4x the dense rate (docs/ablations.md,
     # "Learning rate per kind": d128 sparse 0.044 nats/byte better on both corpora).
+    # sparse_steps 3000: the sparse models train 1.5x longer than the dense one, whose
+    # checkpoints still bracket their losses (docs/ablations.md, "Steps").
     return SweepConfig(base=base, widths=(64, 128), l0_targets=(120_000,),
-                       dense_widths=(128,), dense_ckpt_every=250, sparse_lr=0.04)
+                       dense_widths=(128,), dense_ckpt_every=250, sparse_lr=0.04,
+                       sparse_steps=3000)
   if name == "tpu":
     return SweepConfig(base=get_config("tpu"), widths=(128, 256),
                        l0_targets=(100_000, 200_000))

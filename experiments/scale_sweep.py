@@ -143,6 +143,12 @@ def added_row(workdir: str | Path, target: float) -> dict:
   return row
 
 
+def tasks_solved(tasks: dict[str, dict]) -> int:
+  """How many of a circuits summary's tasks are solved: a circuit was found on the selection
+  pairs *and* meets the target on the test pairs (the report's definition of solved)."""
+  return sum(1 for s in tasks.values() if s["solvable"] and s.get("meets_target_test"))
+
+
 def run_row(workdir: Path, name: str, width: int | None, l0_target: int | None,
             circuits_dir: Path | None = None) -> dict:
   """The results row of a run pruned into circuits_dir (default RUN/circuits; width None:
@@ -183,7 +189,7 @@ def run_row(workdir: Path, name: str, width: int | None, l0_target: int | None,
       "measured_density": {g: stats[f"sparsity/l0_group/{g}"] / n for g, n in numel.items()
                            if g in ("matrix", "embed", "bias")},
       "val_loss": val[-1] if val else math.nan, "tasks_available": len(summary["tasks"]),
-      "tasks_solved": len(solved), "task_edges": {t: s["edges"] for t, s in solved.items()},
+      "tasks_solved": tasks_solved(summary["tasks"]), "task_edges": {t: s["edges"] for t, s in solved.items()},
       "task_meets_target_test": {t: s.get("meets_target_test") for t, s in solved.items()},
       "task_nodes": {t: s["n_nodes"] for t, s in solved.items()},
       "task_loss_full": {t: s["loss_full"] for t, s in summary["tasks"].items()},

@@ -236,6 +236,7 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
   for r in results["rows"]:
     assert r["n_layer"] == 1 and r["tasks_available"] == 21 and math.isfinite(r["val_loss"])
     assert r["timing"]["train_s"] > 0 and r["timing"]["prune_s"] > 0
+    assert r["tasks_solved"] == sum(bool(v) for v in r["task_meets_target_test"].values())
     if r["l0_target"] is None:
       assert r["l0"] == r["sparsifiable_params"]
     else:
@@ -299,3 +300,12 @@ def test_make_sweep_subset_keeps_each_points_config(tmp_path):
   (tmp_path / "circuits" / "summary.json").write_text(json.dumps(summary))
   assert scale_sweep._pruning_done(tmp_path / "circuits", ccfg, None)
   assert not scale_sweep._pruning_done(tmp_path / "circuits", ccfg, ["else_elif"])
+
+
+def test_tasks_solved_counts_only_circuits_that_meet_the_target_on_test_pairs():
+  tasks = {"a": {"solvable": True, "meets_target_test": True},
+           "b": {"solvable": True, "meets_target_test": False},  # found, misses on test
+           "c": {"solvable": False, "meets_target_test": None},
+           "d": {"solvable": True, "meets_target_test": True}}
+  assert scale_sweep.tasks_solved(tasks) == 2
+  assert scale_sweep.tasks_solved({}) == 0

@@ -33,7 +33,7 @@ def get_config(name: str) -> Config:
                           log_every=10, ckpt_every=50),
         circuit=CircuitConfig(steps=100, batch_size=16, mean_batches=2))
   if name == "cpu":
-    # Laptop scale: ~4M tokens in ~11 minutes on 2 cores (2000 steps; the 4134d92 sweep's d128
+    # Laptop scale: ~4M tokens in ~12 minutes on 2 cores (2000 steps; the 4134d92 sweep's d128
     # sparse point took 711 s; the sweep trains its sparse points 3000 steps). Half the rows come from the generated everyday-Python corpus: on the standard
     # library alone a model this size learns almost none of the tasks in this budget
     # (issue 6). AbsTopK as in the authors' script (1/4 at all eight sites); see

@@ -36,8 +36,8 @@ def get_config(name: str) -> Config:
     # Laptop scale: ~4M tokens in ~12 minutes on 2 cores (2000 steps; the 4134d92 sweep's d128
     # sparse point took 711 s; the sweep trains its sparse points 3000 steps). Half the rows
     # come from the generated everyday-Python corpus: on the standard library alone a model
-    # this size learns almost none of the tasks in this budget (issue 6). AbsTopK as in the authors' script (1/4 at all eight sites); see
-    # docs/recipe.md for its cost at this scale. Learned positions, unlike the paper's
+    # this size learns almost none of the tasks in this budget (issue 6). AbsTopK as in the
+    # authors' script (1/4 at all eight sites); see docs/recipe.md for its cost at this scale. Learned positions, unlike the paper's
     # models: at 4M tokens a 2-layer model without them ends 0.22-0.29 nats worse, meets fewer
     # tasks (docs/ablations.md, "Learned positions"); the paper finds them neutral at scale.
     return Config(

@@ -37,9 +37,10 @@ def get_config(name: str) -> Config:
     # sparse point took 711 s; the sweep trains its sparse points 3000 steps). Half the rows
     # come from the generated everyday-Python corpus: on the standard library alone a model
     # this size learns almost none of the tasks in this budget (issue 6). AbsTopK as in the
-    # authors' script (1/4 at all eight sites); see docs/recipe.md for its cost at this scale. Learned positions, unlike the paper's
-    # models: at 4M tokens a 2-layer model without them ends 0.22-0.29 nats worse, meets fewer
-    # tasks (docs/ablations.md, "Learned positions"); the paper finds them neutral at scale.
+    # authors' script (1/4 at all eight sites); see docs/recipe.md for its cost at this scale.
+    # Learned positions, unlike the paper's models: at 4M tokens a 2-layer model without them
+    # ends 0.22-0.29 nats worse, meets fewer tasks (docs/ablations.md, "Learned positions");
+    # the paper finds them neutral at scale.
     return Config(
         model=ModelConfig(n_layer=2, d_model=128, n_head=8, d_head=16, d_mlp=512,
                           vocab_size=2048, block_size=128, afrac=0.25,

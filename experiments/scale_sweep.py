@@ -172,7 +172,7 @@ def run_row(workdir: Path, name: str, width: int | None, l0_target: int | None,
     tokenizer = data_lib.load_tokenizer(workdir)
     val = [train_lib.validation_loss(params, cfg, data_lib.prepare_data(cfg,
                                                                         tokenizer=tokenizer))]
-  solved = {t: s for t, s in summary["tasks"].items() if s["solvable"]}
+  found = {t: s for t, s in summary["tasks"].items() if s["solvable"]}  # incl. test misses
   curves = {}
   for task in summary["tasks"]:
     rec = fileio.read_json(circuits_dir / f"{file_stem(task)}.json", _REDO)
@@ -189,9 +189,10 @@ def run_row(workdir: Path, name: str, width: int | None, l0_target: int | None,
       "measured_density": {g: stats[f"sparsity/l0_group/{g}"] / n for g, n in numel.items()
                            if g in ("matrix", "embed", "bias")},
       "val_loss": val[-1] if val else math.nan, "tasks_available": len(summary["tasks"]),
-      "tasks_solved": tasks_solved(summary["tasks"]), "task_edges": {t: s["edges"] for t, s in solved.items()},
-      "task_meets_target_test": {t: s.get("meets_target_test") for t, s in solved.items()},
-      "task_nodes": {t: s["n_nodes"] for t, s in solved.items()},
+      "tasks_solved": tasks_solved(summary["tasks"]),
+      "task_edges": {t: s["edges"] for t, s in found.items()},
+      "task_meets_target_test": {t: s.get("meets_target_test") for t, s in found.items()},
+      "task_nodes": {t: s["n_nodes"] for t, s in found.items()},
       "task_loss_full": {t: s["loss_full"] for t, s in summary["tasks"].items()},
       "size_vs_target": curves, "unavailable": summary["unavailable"],
       "timing": timing}
@@ -275,7 +276,8 @@ def make_sweep(preset: str, overrides: list[str] = (), *, widths: tuple[int, ...
 
 
 def describe_grid(sweep: sweep_lib.SweepConfig) -> str:
-  """One line per grid point: index, name, size, densities, peak lr and steps (`--list` prints it)."""
+  """One line per grid point: index, name, size, densities, peak lr and steps (`--list`
+  prints it)."""
   lines = []
   for i, p in enumerate(sweep_lib.grid(sweep)):
     m, s = p.config.model, p.config.sparsity

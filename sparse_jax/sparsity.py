@@ -197,15 +197,16 @@ def topk_keep_mask(w: jax.Array, k: jax.Array, neuron_axis: int | None = None,
   """Boolean mask of exactly k entries of w to keep: protected entries first, then top-|w|.
 
   Non-negative float32 values order like their int32 bit patterns, so the k-th largest is
-  found by bisection over bits (31 counting passes; ~20x faster than a sort on CPU). Ties at
-  the threshold go to the lowest flat index, so exactly k survive.
+  found by bisection over bits (at most 31 counting passes, stopping once exactly k count;
+  ~20x faster than a sort on CPU). Ties at the threshold go to the lowest flat index, so
+  exactly k survive.
   """
   bits = jax.lax.bitcast_convert_type(jnp.abs(w).astype(jnp.float32), jnp.int32)
   if neuron_axis is not None and min_per_neuron > 0 and w.ndim == 2:
     bits = jnp.where(_protect_per_neuron(bits, neuron_axis, min_per_neuron), _PROTECTED, bits)
   flat = bits.reshape(-1)
   count_dtype = jnp.float32 if flat.size < 2**24 else jnp.int32
-  thresh = kth_largest_bits(flat[None], k, count_dtype)[0, 0]
+  thresh = kth_largest_bits(flat[None], k, count_dtype, stop_at_k=True)[0, 0]
   above = flat > thresh
   n_above = jnp.sum(above, dtype=jnp.int32)
 

@@ -117,6 +117,25 @@ def test_abs_topk_blocked_keeps_k_largest_ties_to_lowest_index(monkeypatch, bloc
   np.testing.assert_array_equal(out, expect)
 
 
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 6), width=st.integers(1, 300), frac=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**16), ties=st.booleans())
+def test_kth_largest_bits_stop_at_k_selects_the_same_set(rows, width, frac, seed, ties):
+  """Stopping once count == k may return a smaller threshold, never a different top-k set;
+  rows tied at their k-th value (never exactly k) get the full bisection's threshold."""
+  k = int(frac * width)
+  x = np.abs(np.random.default_rng(seed).normal(size=(rows, width))).astype(np.float32)
+  if ties:  # many equal magnitudes, including exact zeros
+    x = np.round(2 * x).astype(np.float32)
+  bits = jax.lax.bitcast_convert_type(jnp.asarray(x), jnp.int32)
+  full = model_lib.kth_largest_bits(bits, k, jnp.float32)
+  early = model_lib.kth_largest_bits(bits, k, jnp.float32, stop_at_k=True)
+  np.testing.assert_array_equal(bits >= early, bits >= full)
+  exact = np.sum(np.asarray(bits >= full), -1, keepdims=True) == k
+  np.testing.assert_array_equal(np.where(exact, 0, early), np.where(exact, 0, full))
+  assert np.all(np.asarray(early) <= np.asarray(full))
+
+
 def test_next_token_loss_is_mean_cross_entropy(tiny_model_cfg):
   cfg = _full_cfg(tiny_model_cfg)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(8))

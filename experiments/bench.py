@@ -14,6 +14,10 @@
   with and without AbsTopK 1/4 at all eight sites and dense: tokens/s, achieved GFLOP/s and
   the fraction of a matmul bound measured in the same run (plain fp32 matmuls of the step's
   shapes), plus the AbsTopK/no-AbsTopK and sparse/dense step ratios.
+- topk (`--only topk`): the exact top-k bisections with the stop once every row counts
+  exactly k against all 31 passes (the same masks, checked): AbsTopK on random activations of
+  the config's two widths ([batch x seq, d_model] and [batch x seq, d_mlp]), and the L0
+  projection's masks of every sparsified weight at a mid-anneal k.
 - length_groups (`--only length_groups`): circuit search with task pairs grouped by length
   against every pair padded to the longest (a random model, synthetic ragged pairs;
   `--preset`/`--set` are ignored): evaluation in 8 groups vs 1 (exact), mask training with 4
@@ -44,7 +48,7 @@ from sparse_jax import train as train_lib
 from sparse_jax.config import Config, apply_overrides
 
 
-SECTIONS = ("optimizer", "train_step", "circuits", "peer_config", "length_groups")
+SECTIONS = ("optimizer", "train_step", "circuits", "peer_config", "topk", "length_groups")
 
 
 def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int):
@@ -125,6 +129,51 @@ def bench_train_step(cfg: Config, repeats: int) -> dict:
   return {"tokens_per_step": tokens, "sparse_step_ms": 1e3 * t_sparse,
           "dense_step_ms": 1e3 * t_dense, "sparse_tokens_per_s": tokens / t_sparse,
           "dense_tokens_per_s": tokens / t_dense, "ratio_sparse_over_dense": t_sparse / t_dense}
+
+
+def _stop_vs_all_31(fn: Callable[[bool], Callable[[], object]], repeats: int) -> dict:
+  """Times fn(stop_at_k=True)() against fn(False)() after checking they return the same."""
+  stop, all_31 = fn(True), fn(False)
+  if not all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(stop()),
+                                                    jax.tree.leaves(all_31()))):
+    raise AssertionError("the bisection's stop at k changed a top-k mask")
+  t_stop, t_all = time_pair(stop, all_31, repeats)
+  return {"stop_ms": 1e3 * t_stop, "all_31_ms": 1e3 * t_all,
+          "ratio_all_31_over_stop": t_all / t_stop}
+
+
+def bench_topk(cfg: Config, repeats: int) -> dict:
+  """AbsTopK's and the projection's bisection: stopping at exactly k vs all 31 passes."""
+  mc, tc, sc = cfg.model, cfg.train, cfg.sparsity
+  rows = tc.batch_size * tc.seq_len
+  afrac = mc.afrac if mc.afrac is not None else 0.25
+  out = {}
+  for name, width in (("abs_topk_d_model", mc.d_model), ("abs_topk_d_mlp", mc.d_mlp)):
+    x_RxC = jax.random.normal(jax.random.PRNGKey(0), (rows, width))
+    k = max(1, int(afrac * width))
+
+    def site(stop_at_k, x_RxC=x_RxC, k=k):
+      f = jax.jit(lambda x: model_lib.abs_topk(x, k, stop_at_k))
+      return lambda: jax.block_until_ready(f(x_RxC))
+
+    out[name] = {"shape": [rows, width], "k": k, **_stop_vs_all_31(site, repeats)}
+  params = model_lib.init_params(mc, jax.random.PRNGKey(0))
+  specs = sparsity.leaf_specs(params, sc)
+  count = jnp.int32(tc.steps // 4)  # mid-anneal, as in the optimizer section
+  leaves = [(specs[sparsity.path_str(path)], w)
+            for path, w in jax.tree_util.tree_flatten_with_path(params)[0]
+            if specs[sparsity.path_str(path)].sparsified]
+
+  def projection(stop_at_k):
+    f = jax.jit(lambda ws: [
+        sparsity.topk_keep_mask(w, sparsity.scheduled_k(spec, count, tc.steps, sc),
+                                spec.neuron_axis, sc.min_per_neuron, stop_at_k)
+        for (spec, _), w in zip(leaves, ws)])
+    ws = [w for _, w in leaves]
+    return lambda: jax.block_until_ready(f(ws))
+
+  out["projection_masks"] = {"leaves": len(leaves), **_stop_vs_all_31(projection, repeats)}
+  return out
 
 
 # Issue 12's side-by-side config against the authors' PyTorch trainer, on top of `cpu`.
@@ -235,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     out["circuits"] = bench_circuits.bench_circuit_search(n_tasks=20, steps=10)
   if "peer_config" in sections:
     out["peer_config"] = bench_peer_config(args.repeats)
+  if "topk" in sections:
+    out["topk"] = bench_topk(cfg, args.repeats)
   if "length_groups" in sections:
     from experiments import bench_circuits  # pylint: disable=import-outside-toplevel
     out["length_groups"] = bench_circuits.bench_length_groups()

@@ -88,13 +88,15 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
   return params
 
 
-def abs_topk(x_xC: jax.Array, k: int) -> jax.Array:
+def abs_topk(x_xC: jax.Array, k: int, stop_at_k: bool = True) -> jax.Array:
   """Keeps exactly the k largest-|x| entries along the last axis, zeroing the rest.
 
   The k-th largest |x| is found by bisection over the float32 bit pattern (non-negative
-  floats order like their int32 bits): 31 counting passes, much faster on CPU than
-  `lax.top_k` (measured 3-4x, docs/throughput.md). Ties at the threshold keep the lowest
-  indices, so exactly k survive. Gradients flow to the kept entries only.
+  floats order like their int32 bits): at most 31 counting passes, much faster on CPU than
+  `lax.top_k` (measured 3-4x, docs/throughput.md), stopping once every row counts exactly k
+  (`stop_at_k`; False runs all 31, for `experiments.bench`: the result is the same). Ties at
+  the threshold keep the lowest indices, so exactly k survive. Gradients flow to the kept
+  entries only.
   """
   width = x_xC.shape[-1]
   if k >= width:
@@ -103,13 +105,13 @@ def abs_topk(x_xC: jax.Array, k: int) -> jax.Array:
                                           jnp.int32).reshape(-1, width)
   block = rows_per_block(width)
   if block is None or block >= bits_RxC.shape[0]:
-    keep_RxC = _topk_keep_rows(bits_RxC, k)
+    keep_RxC = _topk_keep_rows(bits_RxC, k, stop_at_k)
   else:
-    # The bisection reads its rows 31 times: on CPU it runs over blocks of rows that stay in
+    # The bisection reads its rows up to 31 times: on CPU it runs over blocks of rows that stay in
     # the core's L2 cache instead of streaming the whole activation from memory each pass.
     n_rows = bits_RxC.shape[0]
     padded_RxC = jnp.pad(bits_RxC, ((0, -n_rows % block), (0, 0)))
-    keep_RxC = jax.lax.map(lambda b: _topk_keep_rows(b, k),
+    keep_RxC = jax.lax.map(lambda b: _topk_keep_rows(b, k, stop_at_k),
                            padded_RxC.reshape(-1, block, width)).reshape(-1, width)[:n_rows]
   return jnp.where(keep_RxC.reshape(x_xC.shape), x_xC, 0.0)
 
@@ -131,10 +133,10 @@ def rows_per_block(width: int) -> int | None:
   return max(1, _CPU_BLOCK_ELEMS // width)
 
 
-def _topk_keep_rows(bits_RxC: jax.Array, k: int) -> jax.Array:
+def _topk_keep_rows(bits_RxC: jax.Array, k: int, stop_at_k: bool) -> jax.Array:
   """Boolean mask of the k largest bits of each row, ties at the threshold to the lowest index."""
   # float32 counts are exact for rows shorter than 2**24 and vectorise better on CPU.
-  thresh_Rx1 = kth_largest_bits(bits_RxC, k, jnp.float32, stop_at_k=True)
+  thresh_Rx1 = kth_largest_bits(bits_RxC, k, jnp.float32, stop_at_k)
   at_or_above_RxC = bits_RxC >= thresh_Rx1
 
   def break_ties(_):

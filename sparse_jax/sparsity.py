@@ -193,20 +193,20 @@ def _protect_per_neuron(bits: jax.Array, neuron_axis: int, j: int) -> jax.Array:
 
 
 def topk_keep_mask(w: jax.Array, k: jax.Array, neuron_axis: int | None = None,
-                   min_per_neuron: int = 0) -> jax.Array:
+                   min_per_neuron: int = 0, stop_at_k: bool = True) -> jax.Array:
   """Boolean mask of exactly k entries of w to keep: protected entries first, then top-|w|.
 
   Non-negative float32 values order like their int32 bit patterns, so the k-th largest is
   found by bisection over bits (at most 31 counting passes, stopping once exactly k count;
-  ~20x faster than a sort on CPU). Ties at the threshold go to the lowest flat index, so
-  exactly k survive.
+  ~20x faster than a sort on CPU; `stop_at_k` False runs all 31, for `experiments.bench`).
+  Ties at the threshold go to the lowest flat index, so exactly k survive.
   """
   bits = jax.lax.bitcast_convert_type(jnp.abs(w).astype(jnp.float32), jnp.int32)
   if neuron_axis is not None and min_per_neuron > 0 and w.ndim == 2:
     bits = jnp.where(_protect_per_neuron(bits, neuron_axis, min_per_neuron), _PROTECTED, bits)
   flat = bits.reshape(-1)
   count_dtype = jnp.float32 if flat.size < 2**24 else jnp.int32
-  thresh = kth_largest_bits(flat[None], k, count_dtype, stop_at_k=True)[0, 0]
+  thresh = kth_largest_bits(flat[None], k, count_dtype, stop_at_k)[0, 0]
   above = flat > thresh
   n_above = jnp.sum(above, dtype=jnp.int32)
 

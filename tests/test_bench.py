@@ -1,6 +1,7 @@
 """Bench helpers: the peer config's FLOP count and the interleaved timer (no timings asserted)."""
 
 import numpy as np
+import pytest
 
 from experiments import bench
 from experiments import bench_circuits
@@ -24,6 +25,19 @@ def test_time_interleaved_runs_each_fn_warmup_plus_repeats_in_turn():
   medians = bench.time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 3)
   assert calls == ["a", "b"] * 4
   assert len(medians) == 2 and all(m >= 0 for m in medians)
+
+
+def test_topk_section_checks_masks_and_reports_each_bisection():
+  cfg = presets.get_config("tiny")
+  out = bench.bench_topk(cfg, repeats=1)
+  assert out["abs_topk_d_model"]["shape"] == [cfg.train.batch_size * cfg.train.seq_len,
+                                              cfg.model.d_model]
+  assert out["abs_topk_d_mlp"]["k"] == int(0.25 * cfg.model.d_mlp)  # tiny has no afrac
+  assert out["projection_masks"]["leaves"] > 0
+  assert all(v["ratio_all_31_over_stop"] > 0 for v in out.values())
+  # A timed pair that disagrees is refused rather than timed.
+  with pytest.raises(AssertionError, match="changed a top-k mask"):
+    bench._stop_vs_all_31(lambda stop: lambda: np.array([stop]), 1)
 
 
 def test_ragged_bench_tasks_are_right_padded_and_mostly_short():

@@ -88,15 +88,17 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
   return params
 
 
-def abs_topk(x_xC: jax.Array, k: int, stop_at_k: bool = True) -> jax.Array:
+def abs_topk(x_xC: jax.Array, k: int, stop_at_k: bool | None = None) -> jax.Array:
   """Keeps exactly the k largest-|x| entries along the last axis, zeroing the rest.
 
   The k-th largest |x| is found by bisection over the float32 bit pattern (non-negative
   floats order like their int32 bits): at most 31 counting passes, much faster on CPU than
-  `lax.top_k` (measured 3-4x, docs/throughput.md), stopping once every row counts exactly k
-  (`stop_at_k`; False runs all 31, for `experiments.bench`: the result is the same). Ties at
-  the threshold keep the lowest indices, so exactly k survive. Gradients flow to the kept
-  entries only.
+  `lax.top_k` (measured 3-4x, docs/throughput.md). With `stop_at_k` it stops once every row
+  counts exactly k; the result is the same. None (the default) stops where the rows are
+  bisected in cache-sized blocks (CPU), each block as soon as its slowest row is done; with
+  all rows at once (accelerators) the slowest of that many rows needs nearly all 31 passes,
+  and the fixed loop saves a check per pass. Ties at the threshold keep the lowest indices,
+  so exactly k survive. Gradients flow to the kept entries only.
   """
   width = x_xC.shape[-1]
   if k >= width:
@@ -104,6 +106,8 @@ def abs_topk(x_xC: jax.Array, k: int, stop_at_k: bool = True) -> jax.Array:
   bits_RxC = jax.lax.bitcast_convert_type(jnp.abs(jax.lax.stop_gradient(x_xC)),
                                           jnp.int32).reshape(-1, width)
   block = rows_per_block(width)
+  if stop_at_k is None:
+    stop_at_k = block is not None
   if block is None or block >= bits_RxC.shape[0]:
     keep_RxC = _topk_keep_rows(bits_RxC, k, stop_at_k)
   else:
@@ -126,7 +130,8 @@ def rows_per_block(width: int) -> int | None:
   """Rows per cache-sized block for row-wise bisections, or None: all rows at once.
 
   The one place that picks by backend: blocks help a CPU's caches; an accelerator runs
-  every row in parallel and would only serialise.
+  every row in parallel and would only serialise. `abs_topk` stops its bisection early only
+  in blocks.
   """
   if jax.default_backend() != "cpu":
     return None

@@ -105,19 +105,47 @@ def abs_topk(x_xC: jax.Array, k: int, stop_at_k: bool | None = None) -> jax.Arra
     return x_xC
   bits_RxC = jax.lax.bitcast_convert_type(jnp.abs(jax.lax.stop_gradient(x_xC)),
                                           jnp.int32).reshape(-1, width)
+  keep_RxC = _keep_mask_fn(k, stop_at_k)(bits_RxC)
+  return jnp.where(keep_RxC.reshape(x_xC.shape), x_xC, 0.0)
+
+
+def _keep_mask_fn(k: int, stop_at_k: bool | None):
+  """`_topk_keep_blocks` for rows of bits, with its batch folded into the rows under vmap.
+
+  Circuit search vmaps the model over tasks and candidate circuits. vmap's own rule would
+  widen every cache-sized block by the batch (scan over blocks, each [batch, block, C]) and
+  run each block until the slowest row of the whole batch is done; rows are independent, so
+  the batch is instead folded into the rows and blocked as usual (measured 2-4x on a vmapped
+  AbsTopK, docs/throughput.md). The mask has no gradient: it is computed from stopped bits.
+  """
+
+  @jax.custom_batching.custom_vmap
+  def keep(bits_RxC):
+    return _topk_keep_blocks(bits_RxC, k, stop_at_k)
+
+  @keep.def_vmap
+  def keep_batched(axis_size, in_batched, bits_BxRxC):
+    del in_batched  # the one argument is batched, along axis 0
+    rows, width = bits_BxRxC.shape[1:]
+    return keep(bits_BxRxC.reshape(-1, width)).reshape(axis_size, rows, width), True
+
+  return keep
+
+
+def _topk_keep_blocks(bits_RxC: jax.Array, k: int, stop_at_k: bool | None) -> jax.Array:
+  """`_topk_keep_rows` over cache-sized blocks of rows on CPU, all rows at once elsewhere."""
+  width = bits_RxC.shape[-1]
   block = rows_per_block(width)
   if stop_at_k is None:
     stop_at_k = block is not None
   if block is None or block >= bits_RxC.shape[0]:
-    keep_RxC = _topk_keep_rows(bits_RxC, k, stop_at_k)
-  else:
-    # The bisection reads its rows up to 31 times: on CPU it runs over blocks of rows that stay in
-    # the core's L2 cache instead of streaming the whole activation from memory each pass.
-    n_rows = bits_RxC.shape[0]
-    padded_RxC = jnp.pad(bits_RxC, ((0, -n_rows % block), (0, 0)))
-    keep_RxC = jax.lax.map(lambda b: _topk_keep_rows(b, k, stop_at_k),
-                           padded_RxC.reshape(-1, block, width)).reshape(-1, width)[:n_rows]
-  return jnp.where(keep_RxC.reshape(x_xC.shape), x_xC, 0.0)
+    return _topk_keep_rows(bits_RxC, k, stop_at_k)
+  # The bisection reads its rows up to 31 times: on CPU it runs over blocks of rows that stay
+  # in the core's L2 cache instead of streaming the whole activation from memory each pass.
+  n_rows = bits_RxC.shape[0]
+  padded_RxC = jnp.pad(bits_RxC, ((0, -n_rows % block), (0, 0)))
+  return jax.lax.map(lambda b: _topk_keep_rows(b, k, stop_at_k),
+                     padded_RxC.reshape(-1, block, width)).reshape(-1, width)[:n_rows]
 
 
 # Elements per block of rows in `abs_topk`'s bisection on CPU: 64 KiB of int32, well inside

@@ -160,19 +160,18 @@ def bench_topk(cfg: Config, repeats: int) -> dict:
   params = model_lib.init_params(mc, jax.random.PRNGKey(0))
   specs = sparsity.leaf_specs(params, sc)
   count = jnp.int32(tc.steps // 4)  # mid-anneal, as in the optimizer section
-  leaves = [(specs[sparsity.path_str(path)], w)
-            for path, w in jax.tree_util.tree_flatten_with_path(params)[0]
-            if specs[sparsity.path_str(path)].sparsified]
+  by_path = {sparsity.path_str(p): w for p, w in jax.tree_util.tree_flatten_with_path(params)[0]}
+  sparse = [spec for spec in specs.values() if spec.sparsified]
+  ws = [by_path[spec.path] for spec in sparse]
 
   def projection(stop_at_k):
     f = jax.jit(lambda ws: [
         sparsity.topk_keep_mask(w, sparsity.scheduled_k(spec, count, tc.steps, sc),
                                 spec.neuron_axis, sc.min_per_neuron, stop_at_k)
-        for (spec, _), w in zip(leaves, ws)])
-    ws = [w for _, w in leaves]
+        for spec, w in zip(sparse, ws)])
     return lambda: jax.block_until_ready(f(ws))
 
-  out["projection_masks"] = {"leaves": len(leaves), **_stop_vs_all_31(projection, repeats)}
+  out["projection_masks"] = {"leaves": len(sparse), **_stop_vs_all_31(projection, repeats)}
   return out
 
 

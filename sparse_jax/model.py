@@ -169,7 +169,7 @@ def rows_per_block(width: int) -> int | None:
 def _topk_keep_rows(bits_RxC: jax.Array, k: int, stop_at_k: bool) -> jax.Array:
   """Boolean mask of the k largest bits of each row, ties at the threshold to the lowest index."""
   # float32 counts are exact for rows shorter than 2**24 and vectorise better on CPU.
-  thresh_Rx1 = kth_largest_bits(bits_RxC, k, jnp.float32, stop_at_k)
+  thresh_Rx1, count_Rx1 = kth_largest_bits_and_count(bits_RxC, k, jnp.float32, stop_at_k)
   at_or_above_RxC = bits_RxC >= thresh_Rx1
 
   def break_ties(_):
@@ -179,15 +179,22 @@ def _topk_keep_rows(bits_RxC: jax.Array, k: int, stop_at_k: bool) -> jax.Array:
     return above_RxC | (at_RxC & (jnp.cumsum(at_RxC, axis=-1) <= room_Rx1))
 
   # The cumsum is only needed when several entries of a row tie at its threshold (e.g. zeros).
-  exact = jnp.all(jnp.sum(at_or_above_RxC, axis=-1) == k)
+  exact = jnp.all(count_Rx1 == k)
   return jax.lax.cond(exact, lambda _: at_or_above_RxC, break_ties, None)
 
 
 def kth_largest_bits(bits_xC: jax.Array, k: jax.Array | int, count_dtype=jnp.int32,
                      stop_at_k: bool = False) -> jax.Array:
+  """The threshold of `kth_largest_bits_and_count`, without its count."""
+  return kth_largest_bits_and_count(bits_xC, k, count_dtype, stop_at_k)[0]
+
+
+def kth_largest_bits_and_count(bits_xC: jax.Array, k: jax.Array | int, count_dtype=jnp.int32,
+                               stop_at_k: bool = False) -> tuple[jax.Array, jax.Array]:
   """Largest t with count(bits >= t) >= k along the last axis (bits are non-negative int32).
 
-  k may be traced (an int32 scalar or broadcastable array); returns shape [..., 1].
+  k may be traced (an int32 scalar or broadcastable array). Returns t and count(bits >= t),
+  both of shape [..., 1] (the count in `count_dtype`), so callers need no pass to recount.
   `count_dtype` float32 counts faster on CPU (it vectorises better) and is exact while the
   last axis is shorter than 2**24.
 
@@ -211,16 +218,16 @@ def kth_largest_bits(bits_xC: jax.Array, k: jax.Array | int, count_dtype=jnp.int
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid), jnp.where(ok, count, count_lo)
 
   if not stop_at_k:
-    lo, _, _ = jax.lax.fori_loop(0, 31, lambda _, state: body(state), (lo, hi, count_lo))
-    return lo
+    lo, _, count_lo = jax.lax.fori_loop(0, 31, lambda _, state: body(state), (lo, hi, count_lo))
+    return lo, count_lo
 
   def unfinished(state):
     lo, hi, count_lo = state
     # hi - lo == 1 after at most 31 passes, where the fixed loop would have stopped.
     return jnp.any((hi - lo > 1) & (count_lo != k))
 
-  lo, _, _ = jax.lax.while_loop(unfinished, body, (lo, hi, count_lo))
-  return lo
+  lo, _, count_lo = jax.lax.while_loop(unfinished, body, (lo, hi, count_lo))
+  return lo, count_lo
 
 
 def rms_norm(x_xD: jax.Array, scale_D: jax.Array) -> jax.Array:

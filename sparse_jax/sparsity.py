@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import optax
 
 from sparse_jax.config import Config, OptimConfig, SparsityConfig
-from sparse_jax.model import kth_largest_bits
+from sparse_jax.model import kth_largest_bits_and_count
 
 # (regex over the param path, group, neuron axis). First match wins; every path must match.
 # The neuron axis indexes neurons / attention channels; the minimum is counted along the other.
@@ -206,15 +206,14 @@ def topk_keep_mask(w: jax.Array, k: jax.Array, neuron_axis: int | None = None,
     bits = jnp.where(_protect_per_neuron(bits, neuron_axis, min_per_neuron), _PROTECTED, bits)
   flat = bits.reshape(-1)
   count_dtype = jnp.float32 if flat.size < 2**24 else jnp.int32
-  thresh = kth_largest_bits(flat[None], k, count_dtype, stop_at_k)[0, 0]
-  above = flat > thresh
-  n_above = jnp.sum(above, dtype=jnp.int32)
+  thresh, n_at_or_above = kth_largest_bits_and_count(flat[None], k, count_dtype, stop_at_k)
+  thresh, n_at_or_above = thresh[0, 0], n_at_or_above[0, 0].astype(jnp.int32)
 
   def break_ties(_):
-    at = flat == thresh
+    above, at = flat > thresh, flat == thresh
+    n_above = jnp.sum(above, dtype=jnp.int32)
     return above | (at & (jnp.cumsum(at, dtype=jnp.int32) <= k - n_above))
 
-  n_at_or_above = jnp.sum(flat >= thresh, dtype=jnp.int32)
   # The cumsum is only needed when several entries tie at the threshold (e.g. exact zeros).
   keep = jax.lax.cond(n_at_or_above == k, lambda _: flat >= thresh, break_ties, None)
   return keep.reshape(w.shape)

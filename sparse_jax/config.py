@@ -62,6 +62,9 @@ class ModelConfig:
   sink: bool = False  # per-head learnable attention-sink logit (paper Fig 18)
   enable_bigram_table: bool = True  # dense V x V table added to the logits (paper Fig 24)
   learned_pos_emb: bool = False  # learned absolute positions (paper default: none)
+  # Rotary positions on q and k (not in the paper; docs/ablations.md). Each q channel a then
+  # meets k channels a and a +- d_head/2 of its head, its rotation partner.
+  rope: bool = False
   # A [V] vector added to the logits. The authors' models carry it (a buffer, zero unless set);
   # off by default, on only for imported models whose bias is nonzero (interop.py).
   final_logits_bias: bool = False
@@ -74,6 +77,8 @@ class ModelConfig:
       _fail("model.d_model", f"{self.d_model} is not a multiple of n_head={self.n_head}")
     if self.afrac is not None:
       _fraction("model", "afrac", self.afrac)
+    if self.rope and self.d_head % 2:
+      _fail("model.rope", f"needs an even d_head (rotated in pairs), got d_head={self.d_head}")
     object.__setattr__(self, "afrac_loctypes", tuple(self.afrac_loctypes))
     for loc in self.afrac_loctypes:
       if loc not in LOCTYPES:

@@ -16,7 +16,8 @@ destination channels are both kept. Per layer i the rules are:
 `total` sums these. Not in `total`, and reported apart:
 
 - `qk_pairs` (`count_qk_pairs`): kept pairs i.attn.q[a] -- i.attn.k[a]. The q.k dot product
-  pairs channel a of q only with channel a of k (same head, same within-head index), so a
+  pairs channel a of q only with channel a of k (same head, same within-head index; with
+  rotary positions also with a's rotation partner, d_head/2 away in the head), so a
   circuit that keeps both uses that product, but there is no weight between them: the paper
   counts nonzero weights, so these pairs are not edges (q and k are untied nodes, fn 17).
 - `residual`: the identity connections of the residual stream, from a write node
@@ -84,12 +85,20 @@ def _weight_blocks(keep: Mapping[str, np.ndarray], params: Any, cfg: ModelConfig
            np.asarray(p["mlp"]["c_proj"]["w"])[np.ix_(neuron, write)])
 
 
-def _qk_blocks(keep: Mapping[str, np.ndarray], n_layer: int):
-  """(QK_KIND, q site, q ids, k site, k ids, 1 where q and k are the same channel)."""
-  for i in range(n_layer):
+def _qk_blocks(keep: Mapping[str, np.ndarray], cfg: ModelConfig):
+  """(QK_KIND, q site, q ids, k site, k ids, 1 where the q.k product pairs the channels).
+
+  Without rotary positions q channel a meets k channel a only. With them (cfg.rope) it also
+  meets its rotation partner, the channel d_head/2 away in the same head.
+  """
+  half = cfg.d_head // 2
+  for i in range(cfg.n_layer):
     q, k = np.flatnonzero(keep[f"{i}.attn.q"]), np.flatnonzero(keep[f"{i}.attn.k"])
-    yield (QK_KIND, f"{i}.attn.q", q, f"{i}.attn.k", k,
-           (q[:, None] == k[None, :]).astype(np.float32))
+    pairs = q[:, None] == k[None, :]
+    if cfg.rope:
+      partner = q + np.where(q % cfg.d_head < half, half, -half)
+      pairs |= partner[:, None] == k[None, :]
+    yield (QK_KIND, f"{i}.attn.q", q, f"{i}.attn.k", k, pairs.astype(np.float32))
 
 
 def _residual_pairs(keep: Mapping[str, np.ndarray], n_layer: int):
@@ -132,7 +141,7 @@ def count_edges(nodes: Mapping[str, Sequence[int]], params: Any, cfg: ModelConfi
 def count_qk_pairs(nodes: Mapping[str, Sequence[int]], cfg: ModelConfig) -> int:
   """Kept (q, k) channel pairs that meet in a q.k product; needs no weights (not edges)."""
   keep = keep_by_site(nodes, cfg)
-  return sum(int(np.count_nonzero(m)) for *_, m in _qk_blocks(keep, cfg.n_layer))
+  return sum(int(np.count_nonzero(m)) for *_, m in _qk_blocks(keep, cfg))
 
 
 def list_edges(nodes: Mapping[str, Sequence[int]], params: Any, cfg: ModelConfig
@@ -142,7 +151,7 @@ def list_edges(nodes: Mapping[str, Sequence[int]], params: Any, cfg: ModelConfig
   keep = keep_by_site(nodes, cfg)
   out = []
   for kind, src_site, src, dst_site, dst, w in itertools.chain(
-      _qk_blocks(keep, cfg.n_layer), _weight_blocks(keep, params, cfg)):
+      _qk_blocks(keep, cfg), _weight_blocks(keep, params, cfg)):
     r, c = np.nonzero(w)
     weights = [None] * len(r) if kind == QK_KIND else w[r, c].tolist()
     out.extend(zip([kind] * len(r), [src_site] * len(r), src[r].tolist(), [dst_site] * len(r),

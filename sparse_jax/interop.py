@@ -106,6 +106,9 @@ def model_config_from_beeg(beeg: dict[str, Any], *, learned_pos_emb: bool = Fals
 def beeg_from_model_config(cfg: ModelConfig, params: dict[str, Any],
                            beeg: dict[str, Any] | None = None) -> dict[str, Any]:
   """ModelConfig -> their GPTConfig dict, keeping `beeg`'s fields that we do not model."""
+  if cfg.rope:
+    raise ValueError("model.rope: the authors' GPT has no rotary positions, so a model trained "
+                     "with them cannot be written in their format")
   # A model trained here: our table is learned, lm_head untied, and the tokenizer is the run's
   # own BPE (export_model copies its tokenizer.json), not one of their named ones.
   out = dict(beeg) if beeg is not None else {
@@ -263,9 +266,9 @@ def write_model(directory: str | os.PathLike, cfg: ModelConfig, params: dict[str
     beeg: the config dict the model was imported with, if any: fields we do not model are
       copied from it, so an imported model exports to the same config.
   """
+  out = beeg_from_model_config(cfg, params, beeg)  # refuses what their format cannot hold
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  out = beeg_from_model_config(cfg, params, beeg)
   shared = {"lm_head.weight": "transformer.wte.weight"} if out["tied_unembed"] else None
   sd = state_dict_from_params(cfg, params)
   if not out["learnable_bigram_table"] and "bigram_table" in sd:

@@ -281,6 +281,11 @@ def _attention(p: Params, x_BxLxD: jax.Array, cfg: ModelConfig, s: _Sites, i: in
   v_BxLxA = s.node(f"{i}.attn.v", s.topk("attn_v", v_BxLxA))
   q_BxQxHxK = q_BxQxA.reshape(B, Q, H, K)
   k_BxLxHxK, v_BxLxHxK = (t.reshape(B, L, H, K) for t in (k_BxLxA, v_BxLxA))
+  if cfg.rope:
+    # Rotated after the node sites: a circuit masks q and k channels as they are computed.
+    q_pos_BxQ = jnp.arange(L)[None] if positions_B is None else positions_B[:, None]
+    q_BxQxHxK = rotary(q_BxQxHxK, q_pos_BxQ)
+    k_BxLxHxK = rotary(k_BxLxHxK, jnp.arange(L)[None])
   att_BxHxQxL = jnp.einsum("blhk,bmhk->bhlm", q_BxQxHxK, k_BxLxHxK) / math.sqrt(K)
   att_BxHxQxL = jnp.where(causal_xQxL, att_BxHxQxL, -jnp.inf)
   if cfg.sink:
@@ -294,6 +299,20 @@ def _attention(p: Params, x_BxLxD: jax.Array, cfg: ModelConfig, s: _Sites, i: in
   y_BxQxA = jnp.einsum("bhlm,bmhk->blhk", probs_BxHxQxL, v_BxLxHxK).reshape(B, Q, A)
   out_BxQxD = y_BxQxA @ p["attn"]["c_proj"]["w"] + p["attn"]["c_proj"]["b"]
   return s.node(f"{i}.attn.resid_delta", s.topk("attn_out", out_BxQxD))
+
+
+def rotary(x_BxQxHxK: jax.Array, pos_BxQ: jax.Array, base: float = 10_000.0) -> jax.Array:
+  """Rotates channel pairs (a, a + K/2) of each head by pos * base^(-2a/K) (RoPE, half split).
+
+  After rotation q_t . k_s depends on the positions only through t - s, so a head can attend
+  "one token back" with the same weights at every position.
+  """
+  half = x_BxQxHxK.shape[-1] // 2
+  freq_P = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxQx1xP = (pos_BxQ[..., None].astype(jnp.float32) * freq_P)[:, :, None, :]
+  cos, sin = jnp.cos(angle_BxQx1xP), jnp.sin(angle_BxQx1xP)
+  x1, x2 = x_BxQxHxK[..., :half], x_BxQxHxK[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
 def _mlp(p: Params, x_BxLxD: jax.Array, cfg: ModelConfig, s: _Sites, i: int):

@@ -17,7 +17,8 @@ def test_peer_config_step_flops_match_issue_12():
   # 4 layers x 3 (forward + 2 grads) x 2 products x 2 x B*H*L^2*K.
   assert attention == 4 * 3 * 2 * 2 * 32 * 8 * 128 * 128 * 16
   assert (cfg.model.n_layer, cfg.train.batch_size, cfg.model.afrac) == (4, 32, None)
-  assert not cfg.model.learned_pos_emb  # the authors' trainer's default, whatever cpu uses
+  # The authors' trainer's default (no positions), whatever cpu uses.
+  assert not (cfg.model.learned_pos_emb or cfg.model.rope)
 
 
 def test_time_interleaved_runs_each_fn_warmup_plus_repeats_in_turn():

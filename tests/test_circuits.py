@@ -351,6 +351,9 @@ def test_planted_edges_by_hand():
   counts = edges.count_edges(more, params, cfg)
   assert counts["mlp.read_neuron"] == 3 and counts["total"] == 9
   assert edges.count_qk_pairs(more, cfg) == 1
+  # Rotary positions rotate channel pairs (a, a + d_head/2): q0 also meets k2, q1's partner k3
+  # is not kept.
+  assert edges.count_qk_pairs(more, dataclasses.replace(cfg, rope=True)) == 2
   more["0.mlp.resid_delta"] = [3, 6]
   assert edges.count_edges(more, params, cfg)["total"] == 10
 

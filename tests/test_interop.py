@@ -6,6 +6,7 @@ The fixtures (tests/fixtures/authors_format/) were made with the authors' own co
 README there. Torch is not needed: the fixtures carry the outputs their forward computed.
 """
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -141,6 +142,14 @@ def test_final_logits_bias_off_by_default_and_added_when_on():
   with_bias = jax.jit(lambda p, t: model_lib.forward(p, t, on))(
       {**params, "final_logits_bias": bias}, tokens)
   np.testing.assert_allclose(with_bias, base + bias, rtol=0, atol=1e-5)
+
+
+def test_a_rotary_model_is_refused_on_export(tmp_path):
+  cfg, params, beeg = interop.read_model(FIXTURES / "csp_like")
+  rotary = dataclasses.replace(cfg, rope=True)
+  with pytest.raises(ValueError, match="model.rope: the authors' GPT has no rotary positions"):
+    interop.write_model(tmp_path / "out", rotary, params, beeg)
+  assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 REFUSED = [("rms_norm", False), ("bias", False), ("residual_activation_type", "relu"),

@@ -42,10 +42,10 @@ def test_init_statistics():
   assert float(jnp.abs(params["blocks"]["0"]["attn"]["c_attn"]["b"]).max()) == 0.0
 
 
-@pytest.mark.parametrize("sink", [False, True])
-def test_causality(tiny_model_cfg, sink):
+@pytest.mark.parametrize("sink,rope", [(False, False), (True, False), (False, True)])
+def test_causality(tiny_model_cfg, sink, rope):
   """Changing a later token never changes an earlier logit (and does change its own)."""
-  cfg = dataclasses.replace(_full_cfg(tiny_model_cfg), sink=sink)
+  cfg = dataclasses.replace(_full_cfg(tiny_model_cfg), sink=sink, rope=rope)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
   fwd = jax.jit(lambda t: model_lib.forward(params, t, cfg))
   tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, cfg.vocab_size)
@@ -207,10 +207,10 @@ def test_positions_unembed_only_the_requested_positions(tiny_model_cfg):
   np.testing.assert_allclose(picked, full[jnp.arange(3), positions_B], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("n_layer", [1, 2])
-def test_positions_with_ablation_match_the_full_forward(tiny_model_cfg, n_layer):
+@pytest.mark.parametrize("n_layer,rope", [(1, False), (2, False), (2, True)])
+def test_positions_with_ablation_match_the_full_forward(tiny_model_cfg, n_layer, rope):
   """The last layer runs only at the read positions: logits and ablation as the full model's."""
-  cfg = dataclasses.replace(_full_cfg(tiny_model_cfg), n_layer=n_layer)
+  cfg = dataclasses.replace(_full_cfg(tiny_model_cfg), n_layer=n_layer, rope=rope)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(12))
   tokens = jax.random.randint(jax.random.PRNGKey(13), (4, 11), 0, cfg.vocab_size)
   positions_B = jnp.array([10, 0, 5, 7])
@@ -224,6 +224,33 @@ def test_positions_with_ablation_match_the_full_forward(tiny_model_cfg, n_layer)
   want = full[jnp.arange(4), positions_B]
   assert float(jnp.max(jnp.abs(want - full[:, 3]))) > 1e-2  # the positions read do differ
   np.testing.assert_allclose(picked, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_scores_depend_only_on_the_offset():
+  """q_t . k_s after rotation is a function of t - s; position 0 is no rotation."""
+  q_1x1x2x8, k_1x1x2x8 = jax.random.normal(jax.random.PRNGKey(20), (2, 1, 1, 2, 8))
+  rot = lambda x, pos: model_lib.rotary(x, jnp.array([[pos]]))
+  score = lambda t, s: np.asarray(jnp.sum(rot(q_1x1x2x8, t) * rot(k_1x1x2x8, s), -1))
+  np.testing.assert_allclose(score(5, 2), score(103, 100), rtol=1e-4)
+  np.testing.assert_allclose(score(5, 2), score(3, 0), rtol=1e-4)
+  assert np.abs(score(5, 2) - score(5, 3)).max() > 1e-3  # the offset does matter
+  np.testing.assert_array_equal(rot(q_1x1x2x8, 0), q_1x1x2x8)
+  np.testing.assert_allclose(jnp.linalg.norm(rot(q_1x1x2x8, 7), axis=-1),
+                             jnp.linalg.norm(q_1x1x2x8, axis=-1), rtol=1e-5)
+
+
+def test_rotary_model_sees_order_that_a_plain_one_cannot(tiny_model_cfg):
+  """Without positions a 1-layer model's last logit ignores the order of earlier tokens (its
+  keys and values are per token, its softmax is over a set); with rope it does not."""
+  tokens = jnp.array([[3, 7, 9, 5]])
+  swapped = jnp.array([[7, 3, 9, 5]])
+  for rope, differs in ((False, False), (True, True)):
+    cfg = dataclasses.replace(tiny_model_cfg, n_layer=1, rope=rope)
+    params = model_lib.init_params(cfg, jax.random.PRNGKey(21))
+    params = jax.tree.map(lambda x: 20 * x if x.ndim == 2 else x, params)  # sharper attention
+    gap = jnp.abs(model_lib.forward(params, tokens, cfg)[0, -1]
+                  - model_lib.forward(params, swapped, cfg)[0, -1]).max()
+    assert (float(gap) > 1e-3) == differs, (rope, float(gap))
 
 
 def test_unknown_site_is_an_error(tiny_model_cfg):
@@ -254,6 +281,11 @@ def test_bigram_table_adds_row_of_current_token(tiny_model_cfg):
 def test_invalid_model_configs(field, value, match):
   with pytest.raises(ValueError, match=match):
     config_lib.ModelConfig(n_head=2, **{field: value})
+
+
+def test_rope_needs_an_even_head_width():
+  with pytest.raises(ValueError, match="model.rope: needs an even d_head"):
+    config_lib.ModelConfig(n_head=2, d_head=7, rope=True)
 
 
 @pytest.mark.parametrize("section,kwargs,match", [

@@ -28,12 +28,14 @@ def test_cpu_sparse_models_use_the_authors_abstopk():
   assert [p.name for p in dense] == ["d128_dense"] and dense[0].config.model.afrac is None
 
 
-def test_only_the_cpu_preset_learns_positions():
+def test_only_the_cpu_preset_has_positions_and_they_are_rotary():
   # Measured at cpu scale (docs/ablations.md); the paper's models have none, and the larger
   # presets follow the paper until a measurement says otherwise.
-  assert all(p.config.model.learned_pos_emb for p in sweep_lib.grid(presets.get_sweep("cpu")))
+  cpu = [p.config.model for p in sweep_lib.grid(presets.get_sweep("cpu"))]
+  assert all(m.rope and not m.learned_pos_emb for m in cpu)
   for name in ("tiny", "tpu", "paper"):
-    assert not presets.get_config(name).model.learned_pos_emb, name
+    m = presets.get_config(name).model
+    assert not (m.learned_pos_emb or m.rope), name
 
 
 def test_an_infeasible_sweep_point_names_the_point_and_the_matrix():

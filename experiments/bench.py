@@ -179,7 +179,7 @@ def bench_topk(cfg: Config, repeats: int) -> dict:
 PEER_OVERRIDES = ("model.n_layer=4", "model.d_model=128", "model.n_head=8", "model.d_head=16",
                   "model.d_mlp=512", "model.vocab_size=2048", "model.block_size=128",
                   "model.enable_bigram_table=true", "model.afrac=none",
-                  "model.learned_pos_emb=false", "model.rope=false",
+                  "model.learned_pos_emb=false", "model.rope=false", "model.smear_keys=false",
                   "sparsity.weight_density=0.0625", "train.batch_size=32", "train.seq_len=128")
 
 

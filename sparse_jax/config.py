@@ -65,6 +65,10 @@ class ModelConfig:
   # Rotary positions on q and k (not in the paper; docs/ablations.md). Each q channel a then
   # meets k channels a and a +- d_head/2 of its head, its rotation partner.
   rope: bool = False
+  # Smeared keys (Olsson et al. 2022; not in the paper): each head's keys mix in the previous
+  # position's, k_t -> (1 - a_h) k_t + a_h k_{t-1}, a_h = sigmoid of a learned per-head logit,
+  # so one attention layer can find "the token after an earlier copy of this one".
+  smear_keys: bool = False
   # A [V] vector added to the logits. The authors' models carry it (a buffer, zero unless set);
   # off by default, on only for imported models whose bias is nonzero (interop.py).
   final_logits_bias: bool = False

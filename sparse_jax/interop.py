@@ -109,6 +109,9 @@ def beeg_from_model_config(cfg: ModelConfig, params: dict[str, Any],
   if cfg.rope:
     raise ValueError("model.rope: the authors' GPT has no rotary positions, so a model trained "
                      "with them cannot be written in their format")
+  if cfg.smear_keys:
+    raise ValueError("model.smear_keys: the authors' GPT has no smeared keys, so a model trained "
+                     "with them cannot be written in their format")
   # A model trained here: our table is learned, lm_head untied, and the tokenizer is the run's
   # own BPE (export_model copies its tokenizer.json), not one of their named ones.
   out = dict(beeg) if beeg is not None else {

@@ -10,12 +10,15 @@ logit, exact-GELU MLP, biases everywhere but the unembedding, untied `lm_head`, 
 optional dense bigram table whose row for the current token is added to the logits. AbsTopK
 (keep the k largest |x|) applies at each loctype in `cfg.afrac_loctypes` with
 k = int(afrac * width); q, k and v are each top-k'd over all heads jointly, as the authors do.
+Two options the authors' model lacks, both off by default and applied after the q/k node
+sites: rotary positions on q and k (`cfg.rope`) and smeared keys (`cfg.smear_keys`).
 
 Params paths (regex-able, used by the sparsity rules):
   wte [V,D], wpe [block_size,D] (optional), ln_f/scale [D], lm_head/w [D,V], bigram [V,V],
   final_logits_bias [V] (optional, imported models only),
   blocks/{i}/ln_1/scale, blocks/{i}/attn/c_attn/{w [D,3A], b [3A]},
   blocks/{i}/attn/c_proj/{w [A,D], b [D]}, blocks/{i}/attn/sink [H] (optional),
+  blocks/{i}/attn/smear [H] (optional, smeared keys),
   blocks/{i}/ln_2/scale, blocks/{i}/mlp/c_fc/{w [D,F], b [F]},
   blocks/{i}/mlp/c_proj/{w [F,D], b [D]}.
 Weights are stored [in, out] (TF orientation), so x @ w.
@@ -72,6 +75,8 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
             "c_proj": {"w": normal((A, D), proj_std), "b": jnp.zeros(D)}}
     if cfg.sink:
       attn["sink"] = jnp.zeros(cfg.n_head)
+    if cfg.smear_keys:
+      attn["smear"] = jnp.zeros(cfg.n_head)  # a_h = 0.5 at the start
     blocks[str(i)] = {
         "ln_1": {"scale": jnp.ones(D)}, "attn": attn, "ln_2": {"scale": jnp.ones(D)},
         "mlp": {"c_fc": {"w": normal((D, F), std), "b": jnp.zeros(F)},
@@ -281,6 +286,12 @@ def _attention(p: Params, x_BxLxD: jax.Array, cfg: ModelConfig, s: _Sites, i: in
   v_BxLxA = s.node(f"{i}.attn.v", s.topk("attn_v", v_BxLxA))
   q_BxQxHxK = q_BxQxA.reshape(B, Q, H, K)
   k_BxLxHxK, v_BxLxHxK = (t.reshape(B, L, H, K) for t in (k_BxLxA, v_BxLxA))
+  if cfg.smear_keys:
+    # After the k node site, so a circuit's kept k channels are what gets smeared; position 0
+    # has no previous key and keeps its own.
+    a_H1 = jax.nn.sigmoid(p["attn"]["smear"])[:, None]
+    prev_BxLxHxK = jnp.concatenate([k_BxLxHxK[:, :1], k_BxLxHxK[:, :-1]], axis=1)
+    k_BxLxHxK = k_BxLxHxK + a_H1 * (prev_BxLxHxK - k_BxLxHxK)
   if cfg.rope:
     # Rotated after the node sites: a circuit masks q and k channels as they are computed.
     q_pos_BxQ = jnp.arange(L)[None] if positions_B is None else positions_B[:, None]

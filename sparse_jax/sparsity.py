@@ -17,7 +17,8 @@ every parameter (`RULES`):
   - biases: the paper says all weights *and biases* are sparse, the authors' released script
     leaves 1-D biases dense. We follow the paper (`sparsify_biases=True`, `embed_density`, as
     the script's L0frac for biases); set it False to reproduce the script.
-  - RMSNorm scales, sink logits, the bigram table and final_logits_bias are never sparsified.
+  - RMSNorm scales, sink and smear logits, the bigram table and final_logits_bias are never
+    sparsified.
   - bridges/... (bridges.py's encoders and decoders, trained beside a sparse model) are
     dense linear maps: never sparsified, weight-decayed like the model's weight matrices;
     their fixed scales bridges/rms/... are in the "dense" group (not decayed, no gradient).
@@ -58,7 +59,7 @@ RULES = (
     (r"bridges/rms/.*", "dense", None),  # bridges.py's fixed rho constants: never decayed
     (r"bridges/.*", "bridge", None),
     (r".*/b", "bias", None),
-    (r".*/scale|blocks/\d+/attn/sink|bigram|final_logits_bias", "dense", None),
+    (r".*/scale|blocks/\d+/attn/(sink|smear)|bigram|final_logits_bias", "dense", None),
 )
 _INT32_MAX = jnp.iinfo(jnp.int32).max
 # Score of protected entries: above every finite |w| (and inf), but below the exclusive upper

@@ -144,11 +144,13 @@ def test_final_logits_bias_off_by_default_and_added_when_on():
   np.testing.assert_allclose(with_bias, base + bias, rtol=0, atol=1e-5)
 
 
-def test_a_rotary_model_is_refused_on_export(tmp_path):
+@pytest.mark.parametrize("field,match", [("rope", "no rotary positions"),
+                                         ("smear_keys", "no smeared keys")])
+def test_options_their_format_lacks_are_refused_on_export(field, match, tmp_path):
   cfg, params, beeg = interop.read_model(FIXTURES / "csp_like")
-  rotary = dataclasses.replace(cfg, rope=True)
-  with pytest.raises(ValueError, match="model.rope: the authors' GPT has no rotary positions"):
-    interop.write_model(tmp_path / "out", rotary, params, beeg)
+  ours = dataclasses.replace(cfg, **{field: True})
+  with pytest.raises(ValueError, match=f"model.{field}: the authors' GPT has {match}"):
+    interop.write_model(tmp_path / "out", ours, params, beeg)
   assert not (tmp_path / "out").exists()  # refused before anything is written
 
 

@@ -42,10 +42,11 @@ def test_init_statistics():
   assert float(jnp.abs(params["blocks"]["0"]["attn"]["c_attn"]["b"]).max()) == 0.0
 
 
-@pytest.mark.parametrize("sink,rope", [(False, False), (True, False), (False, True)])
-def test_causality(tiny_model_cfg, sink, rope):
+@pytest.mark.parametrize("sink,rope,smear", [(False, False, False), (True, False, False),
+                                              (False, True, False), (False, True, True)])
+def test_causality(tiny_model_cfg, sink, rope, smear):
   """Changing a later token never changes an earlier logit (and does change its own)."""
-  cfg = dataclasses.replace(_full_cfg(tiny_model_cfg), sink=sink, rope=rope)
+  cfg = dataclasses.replace(_full_cfg(tiny_model_cfg), sink=sink, rope=rope, smear_keys=smear)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
   fwd = jax.jit(lambda t: model_lib.forward(params, t, cfg))
   tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, cfg.vocab_size)
@@ -207,10 +208,12 @@ def test_positions_unembed_only_the_requested_positions(tiny_model_cfg):
   np.testing.assert_allclose(picked, full[jnp.arange(3), positions_B], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("n_layer,rope", [(1, False), (2, False), (2, True)])
-def test_positions_with_ablation_match_the_full_forward(tiny_model_cfg, n_layer, rope):
+@pytest.mark.parametrize("n_layer,rope,smear", [(1, False, False), (2, False, False),
+                                                (2, True, False), (2, True, True)])
+def test_positions_with_ablation_match_the_full_forward(tiny_model_cfg, n_layer, rope, smear):
   """The last layer runs only at the read positions: logits and ablation as the full model's."""
-  cfg = dataclasses.replace(_full_cfg(tiny_model_cfg), n_layer=n_layer, rope=rope)
+  cfg = dataclasses.replace(_full_cfg(tiny_model_cfg), n_layer=n_layer, rope=rope,
+                            smear_keys=smear)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(12))
   tokens = jax.random.randint(jax.random.PRNGKey(13), (4, 11), 0, cfg.vocab_size)
   positions_B = jnp.array([10, 0, 5, 7])
@@ -251,6 +254,26 @@ def test_rotary_model_sees_order_that_a_plain_one_cannot(tiny_model_cfg):
     gap = jnp.abs(model_lib.forward(params, tokens, cfg)[0, -1]
                   - model_lib.forward(params, swapped, cfg)[0, -1]).max()
     assert (float(gap) > 1e-3) == differs, (rope, float(gap))
+
+
+def test_fully_smeared_keys_are_the_previous_positions_keys(tiny_model_cfg):
+  """With a = 1 a query at t scores the key computed at t - 1: a 1-layer model's last logit
+  then depends on the token before each value, and at a = 0 it is the plain model's."""
+  cfg = dataclasses.replace(tiny_model_cfg, n_layer=1, smear_keys=True)
+  plain = dataclasses.replace(cfg, smear_keys=False)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(22))
+  params = jax.tree.map(lambda x: 20 * x if x.ndim == 2 else x, params)
+  set_smear = lambda logit: {**params, "blocks": {"0": {**params["blocks"]["0"], "attn": {
+      **params["blocks"]["0"]["attn"], "smear": jnp.full(cfg.n_head, logit)}}}}
+  tokens = jnp.array([[3, 7, 9, 5]])
+  off = model_lib.forward(set_smear(-1e4), tokens, cfg)
+  no_smear = {**params, "blocks": {"0": {**params["blocks"]["0"], "attn": {
+      k: v for k, v in params["blocks"]["0"]["attn"].items() if k != "smear"}}}}
+  np.testing.assert_allclose(off, model_lib.forward(no_smear, tokens, plain), atol=1e-6)
+  # Keys at a = 1 are those of the previous tokens [3, 3, 7, 9]; values stay [3, 7, 9, 5].
+  # Order now matters to the last logit, which a plain 1-layer model cannot see (above).
+  full = lambda t: model_lib.forward(set_smear(1e4), t, cfg)[0, -1]
+  assert float(jnp.abs(full(tokens) - full(jnp.array([[7, 3, 9, 5]]))).max()) > 1e-3
 
 
 def test_unknown_site_is_an_error(tiny_model_cfg):

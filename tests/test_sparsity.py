@@ -213,12 +213,13 @@ def test_infeasible_neuron_minimum_is_an_error_naming_the_matrix():
 
 def test_every_model_param_matches_a_rule():
   cfg = config_lib.ModelConfig(n_layer=2, n_head=2, sink=True, learned_pos_emb=True,
-                               vocab_size=32, block_size=16)
+                               smear_keys=True, vocab_size=32, block_size=16)
   params = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.PRNGKey(0)))
   specs = sparsity.leaf_specs(params, config_lib.SparsityConfig())
   groups = {n: s.sparsified for n, s in specs.items()}
   assert groups["wpe"] and groups["lm_head/w"] and groups["blocks/1/mlp/c_fc/b"]
   assert not groups["bigram"] and not groups["ln_f/scale"] and not groups["blocks/0/attn/sink"]
+  assert not groups["blocks/1/attn/smear"]
   assert specs["blocks/0/attn/c_proj/w"].neuron_axis == 0
   no_bias = sparsity.leaf_specs(params, config_lib.SparsityConfig(sparsify_biases=False))
   assert not no_bias["blocks/1/mlp/c_fc/b"].sparsified

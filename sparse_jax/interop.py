@@ -106,12 +106,10 @@ def model_config_from_beeg(beeg: dict[str, Any], *, learned_pos_emb: bool = Fals
 def beeg_from_model_config(cfg: ModelConfig, params: dict[str, Any],
                            beeg: dict[str, Any] | None = None) -> dict[str, Any]:
   """ModelConfig -> their GPTConfig dict, keeping `beeg`'s fields that we do not model."""
-  if cfg.rope:
-    raise ValueError("model.rope: the authors' GPT has no rotary positions, so a model trained "
-                     "with them cannot be written in their format")
-  if cfg.smear_keys:
-    raise ValueError("model.smear_keys: the authors' GPT has no smeared keys, so a model trained "
-                     "with them cannot be written in their format")
+  for field, what in (("rope", "rotary positions"), ("smear_keys", "smeared keys")):
+    if getattr(cfg, field):
+      raise ValueError(f"model.{field}: the authors' GPT has no {what}, so a model trained "
+                       "with them cannot be written in their format")
   # A model trained here: our table is learned, lm_head untied, and the tokenizer is the run's
   # own BPE (export_model copies its tokenizer.json), not one of their named ones.
   out = dict(beeg) if beeg is not None else {

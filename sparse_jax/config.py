@@ -73,6 +73,9 @@ class ModelConfig:
   # off by default, on only for imported models whose bias is nonzero (interop.py).
   final_logits_bias: bool = False
   activation_type: str = "gelu"  # "gelu" (exact erf) or "relu"
+  # Input precision of the weight matmuls (sparse_jax/matmul.py): "bfloat16" rounds both
+  # operands and accumulates in float32, forward and backward; weights stay float32.
+  matmul_dtype: str = "float32"
 
   def __post_init__(self):
     _positive_int("model", self, "n_layer", "d_model", "n_head", "d_head", "d_mlp",
@@ -89,6 +92,8 @@ class ModelConfig:
         _fail("model.afrac_loctypes", f"unknown loctype {loc!r}; known: {', '.join(LOCTYPES)}")
     if self.activation_type not in ("gelu", "relu"):
       _fail("model.activation_type", f"must be 'gelu' or 'relu', got {self.activation_type!r}")
+    if self.matmul_dtype not in ("float32", "bfloat16"):
+      _fail("model.matmul_dtype", f"must be 'float32' or 'bfloat16', got {self.matmul_dtype!r}")
 
   @property
   def d_attn(self) -> int:

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_jax.config import ModelConfig
+from sparse_jax.matmul import matmul
 
 Params = dict[str, Any]
 # site name -> (mask_C, mean_C); both broadcast against the site's [B, L, C] activation.
@@ -264,6 +265,10 @@ class _Sites:
     return x
 
 
+def _linear(x_BxLxI: jax.Array, w_IxO: jax.Array, b_O: jax.Array, cfg: ModelConfig):
+  return matmul(x_BxLxI, w_IxO, cfg.matmul_dtype) + b_O
+
+
 def _attention(p: Params, x_BxLxD: jax.Array, cfg: ModelConfig, s: _Sites, i: int,
                positions_B: jax.Array | None = None):
   """The attention sublayer's residual delta: at every position (out_BxLxD), or with
@@ -273,12 +278,12 @@ def _attention(p: Params, x_BxLxD: jax.Array, cfg: ModelConfig, s: _Sites, i: in
   x_BxLxD = s.node(f"{i}.attn.act_in", s.topk("attn_in", rms_norm(x_BxLxD, p["ln_1"]["scale"])))
   w_Dx3A, b_3A = p["attn"]["c_attn"]["w"], p["attn"]["c_attn"]["b"]
   if positions_B is None:  # Q = L queries
-    q_BxQxA, k_BxLxA, v_BxLxA = jnp.split(x_BxLxD @ w_Dx3A + b_3A, 3, axis=-1)
+    q_BxQxA, k_BxLxA, v_BxLxA = jnp.split(_linear(x_BxLxD, w_Dx3A, b_3A, cfg), 3, axis=-1)
     causal_xQxL = jnp.tril(jnp.ones((L, L), bool))
   else:  # Q = 1 query per sequence; keys and values stay at every position
     x_Bx1xD = x_BxLxD[jnp.arange(B), positions_B][:, None]
-    q_BxQxA = x_Bx1xD @ w_Dx3A[:, :A] + b_3A[:A]
-    k_BxLxA, v_BxLxA = jnp.split(x_BxLxD @ w_Dx3A[:, A:] + b_3A[A:], 2, axis=-1)
+    q_BxQxA = _linear(x_Bx1xD, w_Dx3A[:, :A], b_3A[:A], cfg)
+    k_BxLxA, v_BxLxA = jnp.split(_linear(x_BxLxD, w_Dx3A[:, A:], b_3A[A:], cfg), 2, axis=-1)
     causal_xQxL = (jnp.arange(L)[None, :] <= positions_B[:, None])[:, None, None, :]
   Q = q_BxQxA.shape[1]
   q_BxQxA = s.node(f"{i}.attn.q", s.topk("attn_q", q_BxQxA))
@@ -308,7 +313,7 @@ def _attention(p: Params, x_BxLxD: jax.Array, cfg: ModelConfig, s: _Sites, i: in
   else:
     probs_BxHxQxL = jax.nn.softmax(att_BxHxQxL, axis=-1)
   y_BxQxA = jnp.einsum("bhlm,bmhk->blhk", probs_BxHxQxL, v_BxLxHxK).reshape(B, Q, A)
-  out_BxQxD = y_BxQxA @ p["attn"]["c_proj"]["w"] + p["attn"]["c_proj"]["b"]
+  out_BxQxD = _linear(y_BxQxA, p["attn"]["c_proj"]["w"], p["attn"]["c_proj"]["b"], cfg)
   return s.node(f"{i}.attn.resid_delta", s.topk("attn_out", out_BxQxD))
 
 
@@ -328,13 +333,13 @@ def rotary(x_BxQxHxK: jax.Array, pos_BxQ: jax.Array, base: float = 10_000.0) -> 
 
 def _mlp(p: Params, x_BxLxD: jax.Array, cfg: ModelConfig, s: _Sites, i: int):
   x_BxLxD = s.node(f"{i}.mlp.act_in", s.topk("mlp_in", rms_norm(x_BxLxD, p["ln_2"]["scale"])))
-  pre_BxLxF = x_BxLxD @ p["mlp"]["c_fc"]["w"] + p["mlp"]["c_fc"]["b"]
+  pre_BxLxF = _linear(x_BxLxD, p["mlp"]["c_fc"]["w"], p["mlp"]["c_fc"]["b"], cfg)
   if cfg.activation_type == "gelu":
     act_BxLxF = jax.nn.gelu(pre_BxLxF, approximate=False)
   else:
     act_BxLxF = jax.nn.relu(pre_BxLxF)
   act_BxLxF = s.node(f"{i}.mlp.post_act", s.topk("mlp_neuron", act_BxLxF))
-  out_BxLxD = act_BxLxF @ p["mlp"]["c_proj"]["w"] + p["mlp"]["c_proj"]["b"]
+  out_BxLxD = _linear(act_BxLxF, p["mlp"]["c_proj"]["w"], p["mlp"]["c_proj"]["b"], cfg)
   return s.node(f"{i}.mlp.resid_delta", s.topk("mlp_out", out_BxLxD))
 
 
@@ -420,7 +425,7 @@ def unembed(params: Params, x_BxLxD: jax.Array, tokens_BxL: jax.Array,
             cfg: ModelConfig) -> jax.Array:
   """Logits from the final residual (tokens index the bigram table's rows)."""
   x_BxLxD = rms_norm(x_BxLxD, params["ln_f"]["scale"])
-  logits_BxLxV = x_BxLxD @ params["lm_head"]["w"]
+  logits_BxLxV = matmul(x_BxLxD, params["lm_head"]["w"], cfg.matmul_dtype)
   if cfg.final_logits_bias:
     logits_BxLxV = logits_BxLxV + params["final_logits_bias"]
   if cfg.enable_bigram_table:

@@ -300,6 +300,7 @@ def test_bigram_table_adds_row_of_current_token(tiny_model_cfg):
     ("afrac", 0.0, "model.afrac"),
     ("afrac_loctypes", ("attn_in", "resid"), "unknown loctype 'resid'"),
     ("activation_type", "swish", "model.activation_type"),
+    ("matmul_dtype", "float16", "model.matmul_dtype: must be 'float32' or 'bfloat16'"),
 ])
 def test_invalid_model_configs(field, value, match):
   with pytest.raises(ValueError, match=match):

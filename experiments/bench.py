@@ -12,8 +12,10 @@
 - peer_config: issue 12's model (4 layers, d_model 128, 8 heads of 16, d_mlp 512, vocab 2048,
   context 128, batch 32, bigram on, density 1/16; `--preset`/`--set` are ignored), sparse
   with and without AbsTopK 1/4 at all eight sites and dense: tokens/s, achieved GFLOP/s and
-  the fraction of a matmul bound measured in the same run (plain fp32 matmuls of the step's
-  shapes), plus the AbsTopK/no-AbsTopK and sparse/dense step ratios.
+  the fraction of a matmul bound measured in the same run (plain matmuls of the step's
+  shapes), plus the AbsTopK/no-AbsTopK and sparse/dense step ratios. Each with the weight
+  matmuls in bf16 (the cpu preset's; unsuffixed keys) and in f32 (keys ending `_f32`); the
+  fractions are of the f32 bound (issue 12's) and of the bf16 one.
 - topk (`--only topk`): the exact top-k bisections with the stop once every row counts
   exactly k against all 31 passes (the same masks, checked): AbsTopK on random activations of
   the config's two widths ([batch x seq, d_model] and [batch x seq, d_mlp]), and the L0
@@ -198,9 +200,17 @@ def step_matmul_flops(cfg: Config) -> tuple[int, int]:
   return 6 * weights * tokens, attention
 
 
-def _matmul_bound_runner(cfg: Config) -> Callable[[], None]:
-  """Plain fp32 matmuls of one step's shapes (forward, input grad, weight grad of every
-  weight; both attention products and their grads), nothing else."""
+def _matmul_bound_runner(cfg: Config, dtype: str = "float32") -> Callable[[], None]:
+  """Plain matmuls of one step's shapes (forward, input grad, weight grad of every weight;
+  both attention products and their grads), nothing else. With dtype "bfloat16" the weight
+  matmuls take bf16 operands and sum in f32, as `model.matmul_dtype` does; attention's
+  products are f32 either way, as in the model."""
+  def mm(a, b):
+    if dtype == "float32":
+      return a @ b
+    return jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                      preferred_element_type=jnp.float32)
+
   m, tc = cfg.model, cfg.train
   N, B, L, H, K = tc.batch_size * tc.seq_len, tc.batch_size, tc.seq_len, m.n_head, m.d_head
   shapes = [(m.d_model, 3 * m.d_attn), (m.d_attn, m.d_model), (m.d_model, m.d_mlp),
@@ -218,7 +228,7 @@ def _matmul_bound_runner(cfg: Config) -> Callable[[], None]:
   def matmuls(operands, attention):
     out = []
     for x_NxI, w_IxO, g_NxO in operands:
-      out += [x_NxI @ w_IxO, g_NxO @ w_IxO.T, x_NxI.T @ g_NxO]
+      out += [mm(x_NxI, w_IxO), mm(g_NxO, w_IxO.T), mm(x_NxI.T, g_NxO)]
     for q_BxHxLxK, k_BxHxLxK, p_BxHxLxL in attention:
       out += [jnp.einsum("bhlk,bhmk->bhlm", q_BxHxLxK, k_BxHxLxK),
               jnp.einsum("bhlm,bhmk->bhlk", p_BxHxLxL, k_BxHxLxK),
@@ -229,29 +239,46 @@ def _matmul_bound_runner(cfg: Config) -> Callable[[], None]:
 
 
 def bench_peer_config(repeats: int) -> dict:
-  """Issue 12's config: sparse with and without AbsTopK, dense, and the matmul bound."""
+  """Issue 12's config: sparse with and without AbsTopK, dense, and the matmul bound, with
+  the weight matmuls in bf16 (the cpu preset's `model.matmul_dtype`) and in f32."""
   base = apply_overrides(presets.get_config("cpu"), list(PEER_OVERRIDES))
-  abstopk = dataclasses.replace(base, model=dataclasses.replace(base.model, afrac=0.25))
+  with_model = lambda c, **kw: dataclasses.replace(c, model=dataclasses.replace(c.model, **kw))
   mesh = train_lib.make_mesh()
   batch = _random_batch(base, mesh)
-  t_sparse, t_abstopk, t_dense, t_matmul = time_interleaved(
-      [_step_runner(base, batch, mesh), _step_runner(abstopk, batch, mesh),
-       _step_runner(_dense(base), batch, mesh), _matmul_bound_runner(base)], repeats)
+  runners, names = [], []
+  for dtype in ("bfloat16", "float32"):
+    c = with_model(base, matmul_dtype=dtype)
+    runners += [_step_runner(c, batch, mesh), _step_runner(with_model(c, afrac=0.25), batch, mesh),
+                _step_runner(_dense(c), batch, mesh), _matmul_bound_runner(c, dtype)]
+    names += [f"sparse_{dtype}", f"sparse_abstopk_{dtype}", f"dense_{dtype}", f"bound_{dtype}"]
+  t = dict(zip(names, time_interleaved(runners, repeats)))
   weight_flops, attention_flops = step_matmul_flops(base)
   flops = weight_flops + attention_flops
   tokens = base.train.batch_size * base.train.seq_len
-  bound = flops / t_matmul
+  bound = {dtype: flops / t[f"bound_{dtype}"] for dtype in ("float32", "bfloat16")}
 
-  def figures(t):
-    return {"step_ms": 1e3 * t, "tokens_per_s": tokens / t, "gflop_per_s": flops / t / 1e9,
-            "fraction_of_matmul_bound": flops / t / bound}
+  def figures(step_s):
+    return {"step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
+            "gflop_per_s": flops / step_s / 1e9,
+            # issue 12's bound is the f32 one; the bf16 one is what the same matmuls reach in
+            # the step's own precision
+            "fraction_of_matmul_bound": flops / step_s / bound["float32"],
+            "fraction_of_bf16_matmul_bound": flops / step_s / bound["bfloat16"]}
 
-  return {"overrides": list(PEER_OVERRIDES), "tokens_per_step": tokens,
-          "step_gflop": flops / 1e9, "attention_gflop": attention_flops / 1e9,
-          "matmul_bound_gflop_per_s": bound / 1e9, "matmul_bound_step_ms": 1e3 * t_matmul,
-          "sparse": figures(t_sparse), "sparse_abstopk": figures(t_abstopk),
-          "dense": figures(t_dense), "ratio_abstopk_over_no_abstopk": t_abstopk / t_sparse,
-          "ratio_sparse_over_dense": t_sparse / t_dense}
+  out = {"overrides": list(PEER_OVERRIDES), "tokens_per_step": tokens,
+         "step_gflop": flops / 1e9, "attention_gflop": attention_flops / 1e9,
+         "matmul_bound_gflop_per_s": bound["float32"] / 1e9,
+         "matmul_bound_step_ms": 1e3 * t["bound_float32"],
+         "matmul_bound_bf16_gflop_per_s": bound["bfloat16"] / 1e9,
+         "matmul_bound_bf16_step_ms": 1e3 * t["bound_bfloat16"]}
+  for dtype, suffix in (("bfloat16", ""), ("float32", "_f32")):
+    out.update({f"sparse{suffix}": figures(t[f"sparse_{dtype}"]),
+                f"sparse_abstopk{suffix}": figures(t[f"sparse_abstopk_{dtype}"]),
+                f"dense{suffix}": figures(t[f"dense_{dtype}"]),
+                f"ratio_abstopk_over_no_abstopk{suffix}":
+                    t[f"sparse_abstopk_{dtype}"] / t[f"sparse_{dtype}"],
+                f"ratio_sparse_over_dense{suffix}": t[f"sparse_{dtype}"] / t[f"dense_{dtype}"]})
+  return out
 
 
 @cli.command

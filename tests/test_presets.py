@@ -38,6 +38,15 @@ def test_only_the_cpu_preset_has_positions_and_they_are_rotary():
     assert not (m.learned_pos_emb or m.rope), name
 
 
+def test_only_the_cpu_preset_has_bf16_matmuls():
+  # Measured on this project's CPU (docs/throughput.md, "bf16 matmuls"); the larger presets
+  # keep f32 until measured on their hardware.
+  assert {p.config.model.matmul_dtype for p in sweep_lib.grid(presets.get_sweep("cpu"))} == {
+      "bfloat16"}
+  for name in ("tiny", "tpu", "paper"):
+    assert presets.get_config(name).model.matmul_dtype == "float32", name
+
+
 def test_an_infeasible_sweep_point_names_the_point_and_the_matrix():
   sweep = presets.get_sweep("paper")
   wide = sweep_lib.SweepConfig(base=sweep.base, widths=(256, 2048), l0_targets=(900_000,),

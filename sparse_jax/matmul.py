@@ -53,9 +53,21 @@ def _fwd(x_NxI, w_IxO):
 def _bwd(res, g_NxO):
   x16_NxI, w16_IxO = res
   g16_NxO = _flat(g_NxO.astype(jnp.bfloat16))
-  dx_NxI = _dot_f32(g16_NxO, w16_IxO.T).reshape(x16_NxI.shape)
-  dw_IxO = _dot_f32(_flat(x16_NxI).T, g16_NxO)
-  return dx_NxI, dw_IxO
+  x16_NxI_flat = _flat(x16_NxI)
+  f32 = jnp.float32
+  # Both written in the forms XLA:CPU hands to its bf16 (AMX) matmul kernel; the plain
+  # `g @ w.T` and `x.T @ g` are silently upcast to f32 and run at or below the f32 rate
+  # (docs/throughput.md, "bf16 matmuls": 110-145 against 500-1000 GFLOP/s).
+  dx_NxI = jnp.einsum("no,io->ni", g16_NxO, w16_IxO, preferred_element_type=f32)
+  N = x16_NxI_flat.shape[0]
+  if N % 2:
+    dw_IxO = jnp.einsum("ni,no->io", x16_NxI_flat, g16_NxO, preferred_element_type=f32)
+  else:
+    # Contracting over two axes (2 x N/2) makes XLA transpose x into a fresh buffer and run
+    # a canonical bf16 matmul, instead of an upcast one with x transposed in place.
+    dw_IxO = jnp.einsum("bni,bno->io", x16_NxI_flat.reshape(2, N // 2, -1),
+                        g16_NxO.reshape(2, N // 2, -1), preferred_element_type=f32)
+  return dx_NxI.reshape(x16_NxI.shape), dw_IxO
 
 
 _matmul_bf16.defvjp(_fwd, _bwd)

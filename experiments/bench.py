@@ -44,6 +44,7 @@ import optax
 
 from experiments import cli
 from experiments import presets
+from sparse_jax import matmul as matmul_lib
 from sparse_jax import model as model_lib
 from sparse_jax import sparsity
 from sparse_jax import train as train_lib
@@ -205,12 +206,6 @@ def _matmul_bound_runner(cfg: Config, dtype: str = "float32") -> Callable[[], No
   both attention products and their grads), nothing else. With dtype "bfloat16" the weight
   matmuls take bf16 operands and sum in f32, as `model.matmul_dtype` does; attention's
   products are f32 either way, as in the model."""
-  def mm(a, b):
-    if dtype == "float32":
-      return a @ b
-    return jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
-                      preferred_element_type=jnp.float32)
-
   m, tc = cfg.model, cfg.train
   N, B, L, H, K = tc.batch_size * tc.seq_len, tc.batch_size, tc.seq_len, m.n_head, m.d_head
   shapes = [(m.d_model, 3 * m.d_attn), (m.d_attn, m.d_model), (m.d_model, m.d_mlp),
@@ -228,7 +223,9 @@ def _matmul_bound_runner(cfg: Config, dtype: str = "float32") -> Callable[[], No
   def matmuls(operands, attention):
     out = []
     for x_NxI, w_IxO, g_NxO in operands:
-      out += [mm(x_NxI, w_IxO), mm(g_NxO, w_IxO.T), mm(x_NxI.T, g_NxO)]
+      # The model's own matmul and its VJP: in bf16, the forms that reach the bf16 kernel.
+      y_NxO, vjp = jax.vjp(lambda x, w: matmul_lib.matmul(x, w, dtype), x_NxI, w_IxO)
+      out += [y_NxO, *vjp(g_NxO)]
     for q_BxHxLxK, k_BxHxLxK, p_BxHxLxL in attention:
       out += [jnp.einsum("bhlk,bhmk->bhlm", q_BxHxLxK, k_BxHxLxK),
               jnp.einsum("bhlm,bhmk->bhlk", p_BxHxLxL, k_BxHxLxK),

@@ -15,10 +15,10 @@ def _rounded64(x):
   return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
 
 
-def _operands():
+def _operands(lead=(2, 3)):
   kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
-  return (jax.random.normal(kx, (2, 3, 40)), jax.random.normal(kw, (40, 24)),
-          jax.random.normal(kg, (2, 3, 24)))
+  return (jax.random.normal(kx, (*lead, 40)), jax.random.normal(kw, (40, 24)),
+          jax.random.normal(kg, (*lead, 24)))
 
 
 def test_float32_is_the_plain_product():
@@ -26,8 +26,10 @@ def test_float32_is_the_plain_product():
   np.testing.assert_array_equal(matmul(x, w), x @ w)
 
 
-def test_bfloat16_forward_and_both_grads_are_f32_sums_of_rounded_operands():
-  x, w, g = _operands()
+# 6 rows take the weight gradient's two-block form, 3 rows the plain one (matmul._bwd).
+@pytest.mark.parametrize("lead", [(2, 3), (3,)])
+def test_bfloat16_forward_and_both_grads_are_f32_sums_of_rounded_operands(lead):
+  x, w, g = _operands(lead)
   y, vjp = jax.vjp(lambda x, w: matmul(x, w, "bfloat16"), x, w)
   dx, dw = vjp(g)
   assert y.dtype == dx.dtype == dw.dtype == jnp.float32

@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 # AbsTopK locations, as the authors name them in `afrac_loctypes` (PAPER.md §1).
 LOCTYPES = ("attn_in", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_neuron", "mlp_out")
+# Input precisions of the weight matmuls (ModelConfig.matmul_dtype, sparse_jax/matmul.py).
+MATMUL_DTYPES = ("float32", "bfloat16")
 
 
 def _fail(field: str, msg: str) -> None:
@@ -92,7 +94,7 @@ class ModelConfig:
         _fail("model.afrac_loctypes", f"unknown loctype {loc!r}; known: {', '.join(LOCTYPES)}")
     if self.activation_type not in ("gelu", "relu"):
       _fail("model.activation_type", f"must be 'gelu' or 'relu', got {self.activation_type!r}")
-    if self.matmul_dtype not in ("float32", "bfloat16"):
+    if self.matmul_dtype not in MATMUL_DTYPES:
       _fail("model.matmul_dtype", f"must be 'float32' or 'bfloat16', got {self.matmul_dtype!r}")
 
   @property

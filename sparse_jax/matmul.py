@@ -8,9 +8,10 @@ mixed-precision recipe. On CPUs with AMX (and on GPUs and TPUs) bf16 x bf16 -> f
 run several times faster than f32 ones (docs/throughput.md). The rounding is deterministic,
 so runs stay bitwise reproducible on resume.
 
-Every product is a plain 2-D matmul over the flattened leading axes: XLA:CPU runs some
-batched bf16 x bf16 -> f32 dot layouts not at all ("Unsupported element type for DotThunk"),
-which is also why attention's own products stay float32.
+The leading axes are flattened and each product is written in a form XLA:CPU hands to its
+bf16 kernel (`_bwd`); it runs some batched bf16 x bf16 -> f32 dot layouts not at all
+("Unsupported element type for DotThunk"), which is also why attention's own products stay
+float32.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-DTYPES = ("float32", "bfloat16")
+from sparse_jax.config import MATMUL_DTYPES
 
 
 def matmul(x_NxI: jax.Array, w_IxO: jax.Array, dtype: str = "float32") -> jax.Array:
@@ -27,7 +28,7 @@ def matmul(x_NxI: jax.Array, w_IxO: jax.Array, dtype: str = "float32") -> jax.Ar
     return x_NxI @ w_IxO
   if dtype == "bfloat16":
     return _matmul_bf16(x_NxI, w_IxO)
-  raise ValueError(f"matmul dtype must be one of {DTYPES}, got {dtype!r}")
+  raise ValueError(f"matmul dtype must be one of {MATMUL_DTYPES}, got {dtype!r}")
 
 
 def _dot_f32(a_MxK: jax.Array, b_KxN: jax.Array) -> jax.Array:

@@ -130,13 +130,13 @@ def get_sweep(name: str) -> SweepConfig:
     # both axes). L0 60k met no task at 0.15 in the 2026-11-22 sweep (docs/report.md then).
     # sparse_lr 4e-2: the sparse models train best at 4x the dense rate (docs/ablations.md,
     # "Learning rate per kind": d128 sparse 0.044 nats/byte better on both corpora).
-    # sparse_steps 4800: the sparse models train 2.4x longer than the dense one, whose
+    # sparse_steps 4200: the sparse models train 2.1x longer than the dense one, whose
     # checkpoints still bracket their losses (docs/ablations.md, "Steps"); 3000 until bf16
     # matmuls made every step ~1.3x faster ("bf16 matmuls"), 3600 until their backward
     # reached the AMX kernels too (the sparse step another 1.2x faster in the training loop).
     return SweepConfig(base=base, widths=(64, 128), l0_targets=(120_000,),
                        dense_widths=(128,), dense_ckpt_every=250, sparse_lr=0.04,
-                       sparse_steps=4800)
+                       sparse_steps=4200)
   if name == "tpu":
     return SweepConfig(base=get_config("tpu"), widths=(128, 256),
                        l0_targets=(100_000, 200_000))

@@ -95,7 +95,8 @@ class ModelConfig:
     if self.activation_type not in ("gelu", "relu"):
       _fail("model.activation_type", f"must be 'gelu' or 'relu', got {self.activation_type!r}")
     if self.matmul_dtype not in MATMUL_DTYPES:
-      _fail("model.matmul_dtype", f"must be 'float32' or 'bfloat16', got {self.matmul_dtype!r}")
+      names = " or ".join(repr(d) for d in MATMUL_DTYPES)
+      _fail("model.matmul_dtype", f"must be {names}, got {self.matmul_dtype!r}")
 
   @property
   def d_attn(self) -> int:

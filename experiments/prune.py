@@ -79,6 +79,8 @@ def prune(workdir: str | Path, *, task_names: list[str] | None = None,
                          "edges": c.edges.get("total") if c.edges else None,
                          "qk_pairs": c.qk_pairs, "loss_full": c.loss_full,
                          "loss_before": c.loss_before, "loss_after": c.loss_after,
+                         "meets_target_select": c.sufficiency.get("select", {}).get(
+                             "meets_target"),
                          "meets_target_test": c.sufficiency.get("meets_target_test")}
                 for c in found}}
   fileio.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -148,13 +150,15 @@ def main(argv: list[str] | None = None) -> int:
   summary = prune(args.workdir, task_names=names, circuit_cfg=ccfg, out=args.out,
                   step=args.step, progress=not args.no_progress)
   # loss: the circuit's calibrated test loss (the unablated model's when unsolvable);
-  # test: whether the circuit meets the target on the test pairs.
-  print(f"{'task':32s} {'solved':>6s} {'nodes':>6s} {'edges':>7s} {'qk':>4s} {'loss':>7s} "
-        f"{'test':>5s}")
+  # select: whether it meets the target on the selection pairs (by the margin); test: on the
+  # test pairs. A task is solved when both hold.
+  print(f"{'task':32s} {'solvable':>8s} {'nodes':>6s} {'edges':>7s} {'qk':>4s} {'loss':>7s} "
+        f"{'select':>6s} {'test':>5s}")
   for name, t in summary["tasks"].items():
     loss = t["loss_after"] if t["loss_after"] is not None else t["loss_full"]
-    print(f"{name:32s} {str(t['solvable']):>6s} {t['n_nodes'] or 0:6d} {t['edges'] or 0:7d} "
-          f"{t['qk_pairs']:4d} {loss:7.3f} {str(t['meets_target_test'] or False):>5s}")
+    print(f"{name:32s} {str(t['solvable']):>8s} {t['n_nodes'] or 0:6d} {t['edges'] or 0:7d} "
+          f"{t['qk_pairs']:4d} {loss:7.3f} {str(t['meets_target_select'] or False):>6s} "
+          f"{str(t['meets_target_test'] or False):>5s}")
   for name, why in summary["unavailable"].items():
     print(f"{name:32s} unavailable: {why}")
   return 0

@@ -146,7 +146,8 @@ def added_row(workdir: str | Path, target: float) -> dict:
 def tasks_solved(tasks: dict[str, dict]) -> int:
   """How many of a circuits summary's tasks are solved: a circuit was found on the selection
   pairs *and* meets the target on the test pairs (the report's definition of solved)."""
-  return sum(1 for s in tasks.values() if s["solvable"] and s.get("meets_target_test"))
+  return sum(1 for s in tasks.values()
+             if s["solvable"] and s.get("meets_target_test") and sweep_lib.solved_point(s))
 
 
 def run_row(workdir: Path, name: str, width: int | None, l0_target: int | None,
@@ -192,6 +193,7 @@ def run_row(workdir: Path, name: str, width: int | None, l0_target: int | None,
       "tasks_solved": tasks_solved(summary["tasks"]),
       "task_edges": {t: s["edges"] for t, s in found.items()},
       "task_meets_target_test": {t: s.get("meets_target_test") for t, s in found.items()},
+      "task_meets_target_select": {t: s.get("meets_target_select") for t, s in found.items()},
       "task_nodes": {t: s["n_nodes"] for t, s in found.items()},
       "task_loss_full": {t: s["loss_full"] for t, s in summary["tasks"].items()},
       "size_vs_target": curves, "unavailable": summary["unavailable"],
@@ -208,7 +210,7 @@ def _val_curve(workdir: Path) -> list[tuple[int, float]]:
 def _solved_tasks(row: dict) -> set[str]:
   """The tasks a model solves at some target (their circuits are worth comparing)."""
   return {t for t, curve in row["size_vs_target"].items()
-          if any(p.get("meets_target_test", True) for p in curve)}
+          if any(sweep_lib.solved_point(p) for p in curve)}
 
 
 def match_dense(sweep: sweep_lib.SweepConfig, out: Path, *, tasks: list[str] | None = None,

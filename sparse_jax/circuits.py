@@ -22,6 +22,10 @@ chosen on shows as such (`sufficiency["meets_target"]` false).
    actually measured, and returns hi: the result meets the target on the selection pairs,
    and one node fewer in the ranking does not (`scoring.bisect_k`). Targets are searched
    tightest first, and every score measured so far narrows the next target's first bracket.
+   "Meets" at selection means loss + `select_margin_se` standard errors (over the selection
+   pairs) <= target: bisecting to exactly the target picks whichever k's noise fell low, so
+   a large circuit whose loss creeps up to the target would pass on the test pairs about
+   half the time (a winner's curse); a small one whose loss drops far below it is unaffected.
 4. With a k_coef grid, keep per task the circuit with the fewest edges (then nodes, then
    selection score, then the earlier grid value).
 5. Test: the chosen circuit's loss on the test pairs, raw (`loss_before`) and with the
@@ -206,14 +210,15 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
       cache.update({key: scores.row(i) for i, key in enumerate(todo)})
     return [cache[key] for key in keys]
 
-  score = lambda rows: np.array([float(r.criterion(cal)) for r in rows])
+  margin = ccfg.select_margin_se  # selection must clear the target by this many SEs
+  score = lambda rows: np.array([float(r.criterion(cal, margin)) for r in rows])
   by_target = {}  # target -> {unit: _Found} over the units whose task can meet it
   for t in targets:
     units = np.flatnonzero(full_select[task_U] <= t)
     # Every circuit already scored (at the other targets) narrows this target's search.
     known = collections.defaultdict(dict)  # unit -> {k: selection score}
     for (u, k), scores in cache.items():
-      known[u][k] = float(scores.criterion(cal))
+      known[u][k] = float(scores.criterion(cal, margin))
     known_U = [known[u] for u in units.tolist()]
     k_U, _ = bisect_k(lambda u, k: score(select_scores(units[u], k)), N,
                       score(select_scores(units, np.zeros(len(units), np.int64))), t,
@@ -249,7 +254,8 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
         f, s = by_target[t][best[t, row]], test_of[t, row]
         curve.append({"target": t, "n_nodes": f.k, "edges": f.edges["total"],
                       "qk_pairs": f.qk_pairs, "loss": float(f.select.criterion(cal)),
-                      "meets_target_select": bool(f.select.criterion(cal) <= t),
+                      "loss_se": float(f.select.loss_cal_se if cal else f.select.loss_se),
+                      "meets_target_select": bool(f.select.criterion(cal, margin) <= t),
                       "loss_test": float(s.criterion(cal)),
                       "loss_test_uncalibrated": float(s.loss),
                       "meets_target_test": bool(s.criterion(cal) <= t)})
@@ -278,7 +284,9 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
         "select": {"loss": float(f.select.loss), "acc": float(f.select.acc),
                    "loss_calibrated": float(f.select.loss_cal),
                    "acc_calibrated": float(f.select.acc_cal),
-                   "meets_target": bool(f.select.criterion(cal) <= target)}}
+                   "loss_se": float(f.select.loss_se),
+                   "loss_calibrated_se": float(f.select.loss_cal_se), "margin_se": margin,
+                   "meets_target": bool(f.select.criterion(cal, margin) <= target)}}
     c.necessity = {"split": "test", "loss": float(necessity.loss[s]),
                    "acc": float(necessity.acc[s])}
     grid = [by_target[target][row * G + j] for j in range(G)]

@@ -244,6 +244,10 @@ class CircuitConfig:
   n_select_pairs: int = 64
   n_heldout_pairs: int = 64  # the test split
   calibrate: bool = True  # bisect on the loss after the logit scale+shift fit (PAPER.md §4)
+  # The bisection's k must meet the target by this many standard errors of its selection
+  # loss (over the selection pairs), so that the chosen circuit's test loss is not a coin
+  # toss around the target (docs/measurement.md §6). 0: exactly the target, as the paper.
+  select_margin_se: float = 2.0
   bisect_candidates: int = 8  # k values evaluated per task per bisection round
   eval_max_seqs: int = 1024  # sequences per batched evaluation call (bounds memory)
   # Evaluation groups each split's pairs by length into this many groups, each padded only to
@@ -274,6 +278,9 @@ class CircuitConfig:
     _fraction("circuit", "warmup_frac", self.warmup_frac, allow_zero=True)
     if not isinstance(self.calibrate, bool):
       _fail("circuit.calibrate", f"must be true or false, got {self.calibrate!r}")
+    margin = self.select_margin_se
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
+      _fail("circuit.select_margin_se", f"must be finite and >= 0, got {margin!r}")
     if not 0 <= self.b2 < 1:
       _fail("circuit.b2", f"must be in [0, 1), got {self.b2!r}")
 

@@ -29,7 +29,8 @@ from sparse_jax import masks
 from sparse_jax import task_groups
 from sparse_jax import tasks as tasks_lib
 from sparse_jax.config import CircuitConfig, ModelConfig
-from sparse_jax.tasks import TaskArrays, TaskSet, contrast_loss, pair_logit_diff
+from sparse_jax.tasks import (TaskArrays, TaskSet, contrast_loss, contrast_loss_se,
+                              pair_logit_diff)
 
 
 # --- splits ---
@@ -109,27 +110,32 @@ def fit_logit_scale_shift(d_TxPx2: jax.Array, steps: int = 16) -> jax.Array:
 
 
 class Scores(NamedTuple):
-  """Per candidate circuit (leading axis C): contrast loss and accuracy, raw and after the
-  logit scale + shift `ab_Cx2` (a, b: d -> a * d + b)."""
+  """Per candidate circuit (leading axis C): contrast loss, its standard error over the
+  pairs, and accuracy, raw and after the logit scale + shift `ab_Cx2` (a, b: d -> a * d + b)."""
 
   loss: np.ndarray
   acc: np.ndarray
+  loss_se: np.ndarray
   loss_cal: np.ndarray
   acc_cal: np.ndarray
+  loss_cal_se: np.ndarray
   ab_Cx2: np.ndarray
 
   def row(self, i: int) -> "Scores":
     return Scores(*(x[i] for x in self))
 
-  def criterion(self, calibrated: bool) -> np.ndarray:
-    """The loss a circuit must bring to the target: calibrated, or raw."""
-    return self.loss_cal if calibrated else self.loss
+  def criterion(self, calibrated: bool, margin_se: float = 0.0) -> np.ndarray:
+    """The loss a circuit must bring to the target (calibrated, or raw), plus `margin_se`
+    standard errors of it (`CircuitConfig.select_margin_se`, applied on the selection pairs)."""
+    loss, se = (self.loss_cal, self.loss_cal_se) if calibrated else (self.loss, self.loss_se)
+    return loss + margin_se * se if margin_se else loss
 
 
 @jax.jit
 def _score(d_CxPx2: jax.Array, ab_Cx2: jax.Array):
-  over_c = jax.vmap(contrast_loss)
-  return (*over_c(d_CxPx2), *over_c(ab_Cx2[:, :1, None] * d_CxPx2 + ab_Cx2[:, 1:, None]))
+  one = lambda d_Px2: (*contrast_loss(d_Px2), contrast_loss_se(d_Px2))
+  return (*jax.vmap(one)(d_CxPx2),
+          *jax.vmap(one)(ab_Cx2[:, :1, None] * d_CxPx2 + ab_Cx2[:, 1:, None]))
 
 
 class Evaluator:

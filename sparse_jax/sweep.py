@@ -218,11 +218,16 @@ def geomean(values: Sequence[float]) -> float:
 def edges_at(row: dict[str, Any], target: float, tasks: Sequence[str] | None = PAPER_TASKS
              ) -> dict[str, int]:
   """{task: circuit edges} for every task of `tasks` (None: all) the row's model solves at
-  `target`: a circuit was found, and it meets the target on the test pairs (curves written
-  before the test split have no such check and count as meeting it)."""
+  `target`: a circuit was found (`solved_point`)."""
   return {task: p["edges"] for task, curve in row["size_vs_target"].items() for p in curve
-          if p["target"] == target and p.get("meets_target_test", True)
-          and (tasks is None or task in tasks)}
+          if p["target"] == target and solved_point(p) and (tasks is None or task in tasks)}
+
+
+def solved_point(point: dict[str, Any]) -> bool:
+  """A circuit (a `search.by_target` point, or a summary's task) solves its task when it
+  meets the target on the selection pairs, by the selection margin, *and* on the test pairs.
+  Records written before either check existed count as meeting it."""
+  return bool(point.get("meets_target_select", True) and point.get("meets_target_test", True))
 
 
 def model_summary(row: dict[str, Any], target: float) -> dict[str, Any]:

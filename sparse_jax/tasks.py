@@ -100,6 +100,17 @@ def contrast_loss(d_Px2: jax.Array) -> tuple[jax.Array, jax.Array]:
   return loss, acc
 
 
+def contrast_loss_se(d_Px2: jax.Array) -> jax.Array:
+  """Standard error of `contrast_loss`'s loss over the P pairs (0 for one pair).
+
+  The pair is the sampling unit: its two sequences share everything but the cue token."""
+  P = d_Px2.shape[0]
+  if P < 2:
+    return jnp.zeros((), jnp.float32)
+  loss_P = -jnp.mean(jax.nn.log_sigmoid(d_Px2 * jnp.array([1.0, -1.0])), axis=1)
+  return jnp.std(loss_P, ddof=1) / np.sqrt(P)
+
+
 def pair_logit_diff(params, cfg: ModelConfig, arrays: TaskArrays, *, ablation=None):
   """d_Px2 for one task's pairs (optionally with node ablation): tok minus alt logit, or for
   "X vs not-X" pairs the full-softmax log-odds of tok (see the module docstring)."""

@@ -184,6 +184,40 @@ def test_sufficiency_on_the_test_pairs_can_fail(uncalibrated_result):
   assert point["meets_target_select"] and not point["meets_target_test"]
 
 
+def mixed_taskset() -> TaskSet:
+  """One task whose pairs alternate between planted (solvable) and 12 vs 13 (not): a
+  per-pair loss that is ~0 or ~0.67, so its mean has a standard error of ~0.06."""
+  def mixed(n, seed):
+    pick = lambda x, y: jnp.where((np.arange(n) % 2 == 0).reshape(-1, *[1] * (x.ndim - 1)),
+                                  x, y)
+    return jax.tree.map(pick, planted_pairs(n, seed), planted_pairs(n, seed, 12, 13))
+  stack = lambda *x: jnp.stack(x)
+  join = lambda *parts: jax.tree.map(lambda *x: jnp.concatenate(x), *parts)
+  return TaskSet(("mixed",), jax.tree.map(stack, mixed(64, 0)),
+                 jax.tree.map(stack, join(mixed(32, 1), mixed(32, 2))))
+
+
+def test_selection_margin_in_standard_errors():
+  """Scored raw at target 0.4, the mixed task's circuit reaches 0.348 (SE 0.061) on the
+  selection pairs: it meets the target with no margin, and misses it by one SE, where no k
+  meets it (the bisection ends at the full model, reported as failing selection)."""
+  cfg, params, means = planted_setup()
+  found = {}
+  for margin in (0.0, 1.0):
+    ccfg = dataclasses.replace(FAST, calibrate=False, target_loss=0.4, select_margin_se=margin)
+    found[margin], = circuits.find_circuits(params, cfg, mixed_taskset(), means, ccfg,
+                                            progress=False)
+  for margin, c in found.items():
+    select, point = c.sufficiency["select"], c.search["by_target"][0]
+    assert select["loss_se"] == pytest.approx(point["loss_se"]) and 0.04 < point["loss_se"] < 0.08
+    assert select["margin_se"] == margin
+    assert point["meets_target_select"] == (point["loss"] + margin * point["loss_se"] <= 0.4)
+    assert select["meets_target"] == point["meets_target_select"]
+  assert found[0.0].sufficiency["select"]["meets_target"] and found[0.0].n_nodes < 20
+  assert not found[1.0].sufficiency["select"]["meets_target"]
+  assert found[1.0].n_nodes == found[1.0].search["n_nodes_total"]  # the full model
+
+
 def test_split_sizes_must_match_the_config():
   cfg, params, means = planted_setup()
   ccfg = dataclasses.replace(FAST, n_select_pairs=16)  # 16 + 32 != the 64 held-out pairs

@@ -1,6 +1,7 @@
 """Model tests: shapes, causality, AbsTopK, ablation and capture, config validation."""
 
 import dataclasses
+import math
 
 import chex
 import jax
@@ -322,6 +323,8 @@ def test_rope_needs_an_even_head_width():
     (config_lib.CircuitConfig, {"target_loss": 0.0}, "circuit.target_loss"),
     (config_lib.CircuitConfig, {"n_select_pairs": 0}, "circuit.n_select_pairs"),
     (config_lib.CircuitConfig, {"calibrate": "yes"}, "circuit.calibrate"),
+    (config_lib.CircuitConfig, {"select_margin_se": -1.0}, "circuit.select_margin_se"),
+    (config_lib.CircuitConfig, {"select_margin_se": math.inf}, "circuit.select_margin_se"),
     (config_lib.CircuitConfig, {"eval_length_groups": 0}, "circuit.eval_length_groups"),
     (config_lib.CircuitConfig, {"train_length_strata": 3},
      "circuit.train_length_strata.*must divide circuit.batch_size=32"),

@@ -78,6 +78,14 @@ def _row(name, l0, val, edges_by_target, failing_test=()):
 A, B, C = "else_elif", "var_if", "for_while"  # three of the paper's 20 tasks
 
 
+def test_a_circuit_missing_the_selection_margin_is_not_solved():
+  row = _row("s1", 10, 2.9, {0.15: {A: 10, B: 40}})
+  row["size_vs_target"][B][0]["meets_target_select"] = False  # passes on test, not selection
+  assert sweep_lib.edges_at(row, 0.15) == {A: 10}
+  row["size_vs_target"][B][0]["meets_target_select"] = True
+  assert sweep_lib.edges_at(row, 0.15) == {A: 10, B: 40}
+
+
 def test_frontier_and_matched_pairs():
   rows = [_row("dA", None, 3.0, {0.15: {A: 100, B: 400}, 0.3: {A: 50, B: 100}}),
           _row("dB", None, 2.5, {0.15: {A: 50, B: 200}}),
@@ -236,7 +244,8 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
   for r in results["rows"]:
     assert r["n_layer"] == 1 and r["tasks_available"] == 21 and math.isfinite(r["val_loss"])
     assert r["timing"]["train_s"] > 0 and r["timing"]["prune_s"] > 0
-    assert r["tasks_solved"] == sum(bool(v) for v in r["task_meets_target_test"].values())
+    assert r["tasks_solved"] == sum(bool(v) and r["task_meets_target_select"][t]
+                                    for t, v in r["task_meets_target_test"].items())
     if r["l0_target"] is None:
       assert r["l0"] == r["sparsifiable_params"]
     else:
@@ -306,6 +315,8 @@ def test_tasks_solved_counts_only_circuits_that_meet_the_target_on_test_pairs():
   tasks = {"a": {"solvable": True, "meets_target_test": True},
            "b": {"solvable": True, "meets_target_test": False},  # found, misses on test
            "c": {"solvable": False, "meets_target_test": None},
-           "d": {"solvable": True, "meets_target_test": True}}
+           "d": {"solvable": True, "meets_target_test": True},
+           # no k met the selection margin (the full model was kept); passes on test anyway
+           "e": {"solvable": True, "meets_target_select": False, "meets_target_test": True}}
   assert scale_sweep.tasks_solved(tasks) == 2
   assert scale_sweep.tasks_solved({}) == 0

@@ -236,6 +236,16 @@ def test_contrast_loss_matches_a_hand_computation():
   chex.assert_trees_all_close(acc, 0.75)
 
 
+def test_contrast_loss_se_is_over_pairs():
+  """The pair is the unit: per-pair mean of its two sequence losses, sample std / sqrt(P)."""
+  d_Px2 = jnp.array([[2.0, -1.0], [0.5, 3.0], [-1.0, 1.0]])
+  nll = lambda x: math.log1p(math.exp(-x))  # -log_sigmoid
+  pair = [(nll(2.0) + nll(1.0)) / 2, (nll(0.5) + nll(-3.0)) / 2, (nll(-1.0) + nll(-1.0)) / 2]
+  want = np.std(pair, ddof=1) / math.sqrt(3)
+  chex.assert_trees_all_close(tasks.contrast_loss_se(d_Px2), want, rtol=1e-5)
+  assert float(tasks.contrast_loss_se(d_Px2[:1])) == 0.0  # one pair: no spread to measure
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
   cfg = ModelConfig(n_layer=1, d_model=16, n_head=1, d_head=16, d_mlp=16,

@@ -2,11 +2,11 @@
 
   python -m experiments.circuit_table DIR [DIR ...] [--targets 0.15,0.075]
 
-Per directory and target: the paper tasks solved (of 20; a circuit found there that also
-meets the target on the test pairs, where the JSON has that check), the geometric mean of
-edges over them, and the `induction` control apart (`sweep.model_summary`). Then per task
-at each directory's primary target: nodes, edges, q-k pairs and whether the circuit meets
-the target on the test pairs. Directories written before q-k pairs left the edge count
+Per directory and target: the paper tasks solved (of 20; a circuit found there that meets
+the target on the selection pairs by the margin and on the test pairs, where the JSON has
+those checks), the geometric mean of edges over them, and the `induction` control apart
+(`sweep.model_summary`). Then per task at each directory's primary target: nodes, edges,
+q-k pairs and whether the circuit meets the target on each split. Directories written before q-k pairs left the edge count
 (their `edges` has an "attn.qk" entry) are shown both ways.
 """
 
@@ -59,16 +59,18 @@ def main(argv: list[str] | None = None) -> int:
       print(f"| {r['name']} | {t} | {m['n_solved']}/{m['n_tasks']} | "
             f"{'-' if geo != geo else f'{geo:.0f}'} | {'-' if ind is None else ind} |")
   print()
-  print("| circuits | task | nodes | edges | q-k pairs | meets target on test pairs |")
-  print("|---|---|---|---|---|---|")
+  print("| circuits | task | nodes | edges | q-k pairs | meets target on selection pairs "
+        "(by the margin) | on test pairs |")
+  print("|---|---|---|---|---|---|---|")
   for r in loaded:
     for task, c in sorted(r["circuits"].items()):
       if not c.get("edges"):  # no circuit at the primary target
         continue
       qk = c.get("qk_pairs", c["edges"].get("attn.qk", 0))
       test = c.get("sufficiency", {}).get("meets_target_test", "not checked")
+      select = c.get("sufficiency", {}).get("select", {}).get("meets_target", "not checked")
       print(f"| {r['name']} | {task} | {c['n_nodes']} | {c['edges'].get('total')} | {qk} | "
-            f"{test} |")
+            f"{select} | {test} |")
   return 0
 
 

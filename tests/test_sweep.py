@@ -86,6 +86,29 @@ def test_a_circuit_missing_the_selection_margin_is_not_solved():
   assert sweep_lib.edges_at(row, 0.15) == {A: 10, B: 40}
 
 
+def test_against_the_paper_section_is_computed_from_the_sweep():
+  base = presets.get_sweep("tiny").base
+  sweep = sweep_lib.SweepConfig(base=base, widths=(32,), l0_targets=(100,), sparse_steps=30)
+  rows = [_row("dA", None, 3.0, {0.15: {A: 100, B: 400, C: 9}}),
+          _row("s1", 10, 2.9, {0.15: {A: 10, B: 0}})]
+  best = sweep_lib.matched_pairs(rows, 0.15)[0]
+  text = "\n".join(sweep_report.against_paper(sweep, rows, [], best, 0.15))
+  assert "The models solve 2-3 of the 20 at 0.15 (dA 3, s1 2)" in text
+  # per task: 100/10 and 400/max(0, 1); the geometric mean of the two is the headline 63.2x
+  assert best["ratio_dense_over_sparse"] == pytest.approx(4000 ** 0.5)
+  assert ("headline 63.2x rests on 2 task(s): else_elif 10.0x (10 vs 100 edges), var_if "
+          "400.0x (0 vs 400 edges). Fewer than 8 shared tasks") in text
+  assert "dA is a final dense model, 0.100 nats from s1" in text
+  tokens = 30 * base.train.batch_size * base.train.seq_len
+  assert f"{tokens / 1e6:.1f}M tokens per sparse model" in text
+  assert f"{32e9 / tokens:,.0f}x fewer than the paper's" in text
+  assert "by 2 standard errors" in text
+  exact = dataclasses.replace(sweep, base=dataclasses.replace(
+      base, circuit=dataclasses.replace(base.circuit, select_margin_se=0.0)))
+  assert "standard errors" not in "\n".join(
+      sweep_report.against_paper(exact, rows, [], best, 0.15))
+
+
 def test_frontier_and_matched_pairs():
   rows = [_row("dA", None, 3.0, {0.15: {A: 100, B: 400}, 0.3: {A: 50, B: 100}}),
           _row("dB", None, 2.5, {0.15: {A: 50, B: 200}}),

@@ -6,8 +6,9 @@ Per directory and target: the paper tasks solved (of 20; a circuit found there t
 the target on the selection pairs by the margin and on the test pairs, where the JSON has
 those checks), the geometric mean of edges over them, and the `induction` control apart
 (`sweep.model_summary`). Then per task at each directory's primary target: nodes, edges,
-q-k pairs and whether the circuit meets the target on each split. Directories written before q-k pairs left the edge count
-(their `edges` has an "attn.qk" entry) are shown both ways.
+q-k pairs and whether the circuit meets the target on each split. Directories written
+before q-k pairs left the edge count (their `edges` has an "attn.qk" entry) are shown both
+ways.
 """
 
 from __future__ import annotations

@@ -254,7 +254,7 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
         f, s = by_target[t][best[t, row]], test_of[t, row]
         curve.append({"target": t, "n_nodes": f.k, "edges": f.edges["total"],
                       "qk_pairs": f.qk_pairs, "loss": float(f.select.criterion(cal)),
-                      "loss_se": float(f.select.loss_cal_se if cal else f.select.loss_se),
+                      "loss_se": float(f.select.se(cal)),
                       "meets_target_select": bool(f.select.criterion(cal, margin) <= t),
                       "loss_test": float(s.criterion(cal)),
                       "loss_test_uncalibrated": float(s.loss),

@@ -279,7 +279,8 @@ class CircuitConfig:
     if not isinstance(self.calibrate, bool):
       _fail("circuit.calibrate", f"must be true or false, got {self.calibrate!r}")
     margin = self.select_margin_se
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
+    if (isinstance(margin, bool) or not isinstance(margin, (int, float))
+        or not 0 <= margin < math.inf):
       _fail("circuit.select_margin_se", f"must be finite and >= 0, got {margin!r}")
     if not 0 <= self.b2 < 1:
       _fail("circuit.b2", f"must be in [0, 1), got {self.b2!r}")

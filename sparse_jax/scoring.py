@@ -124,11 +124,15 @@ class Scores(NamedTuple):
   def row(self, i: int) -> "Scores":
     return Scores(*(x[i] for x in self))
 
+  def se(self, calibrated: bool) -> np.ndarray:
+    """The standard error of the loss `criterion` reads."""
+    return self.loss_cal_se if calibrated else self.loss_se
+
   def criterion(self, calibrated: bool, margin_se: float = 0.0) -> np.ndarray:
     """The loss a circuit must bring to the target (calibrated, or raw), plus `margin_se`
     standard errors of it (`CircuitConfig.select_margin_se`, applied on the selection pairs)."""
-    loss, se = (self.loss_cal, self.loss_cal_se) if calibrated else (self.loss, self.loss_se)
-    return loss + margin_se * se if margin_se else loss
+    loss = self.loss_cal if calibrated else self.loss
+    return loss + margin_se * self.se(calibrated) if margin_se else loss
 
 
 @jax.jit

@@ -88,13 +88,18 @@ class TaskSet:
   unavailable: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> reason
 
 
+def _signed(d_Px2: jax.Array) -> jax.Array:
+  """d with side B's sign flipped: positive where each side prefers its own answer."""
+  return d_Px2 * jnp.array([1.0, -1.0])
+
+
 def contrast_loss(d_Px2: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(loss, accuracy), both per-sequence means, from tok-minus-alt logit differences.
 
   Side A wants tok (d > 0), side B wants alt (d < 0); in the two-way softmax
   log p(tok | A) = log_sigmoid(d_A) and log p(alt | B) = log_sigmoid(-d_B).
   """
-  signed_Px2 = d_Px2 * jnp.array([1.0, -1.0])
+  signed_Px2 = _signed(d_Px2)
   loss = -jnp.mean(jax.nn.log_sigmoid(signed_Px2))
   acc = jnp.mean((signed_Px2 > 0).astype(jnp.float32))
   return loss, acc
@@ -107,7 +112,7 @@ def contrast_loss_se(d_Px2: jax.Array) -> jax.Array:
   P = d_Px2.shape[0]
   if P < 2:
     return jnp.zeros((), jnp.float32)
-  loss_P = -jnp.mean(jax.nn.log_sigmoid(d_Px2 * jnp.array([1.0, -1.0])), axis=1)
+  loss_P = -jnp.mean(jax.nn.log_sigmoid(_signed(d_Px2)), axis=1)
   return jnp.std(loss_P, ddof=1) / np.sqrt(P)
 
 

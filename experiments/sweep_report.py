@@ -92,10 +92,15 @@ def headline(pairs: dict, primary: float) -> dict | None:
   return best
 
 
+def _tokens(tc, steps: int) -> int:
+  """Training tokens of a run of `steps` steps."""
+  return steps * tc.batch_size * tc.seq_len
+
+
 def _steps(tc, steps: int) -> str:
   """'N steps of B x L tokens (xM tokens)'."""
   return (f"{steps} steps of {tc.batch_size} x {tc.seq_len} tokens "
-          f"({steps * tc.batch_size * tc.seq_len / 1e6:.1f}M tokens)")
+          f"({_tokens(tc, steps) / 1e6:.1f}M tokens)")
 
 
 # The paper's claim and scale (PAPER.md §6 and its training table): at matched pretraining
@@ -137,12 +142,11 @@ def against_paper(sweep, rows: list[dict], ckpt_rows: list[dict], best: dict | N
         f"- **Matching.** {best['dense']} is {checkpoint}, {best['loss_gap']:.3f} nats from "
         f"{best['sparse']}; the paper matches fully trained, annealed models."]
   sparse_steps = sweep.sparse_steps if sweep.sparse_steps is not None else tc.steps
-  tokens = lambda steps: steps * tc.batch_size * tc.seq_len
   vals = [r["val_loss"] for r in rows]
   lines.append(
-      f"- **Scale.** {tokens(sparse_steps) / 1e6:.1f}M tokens per sparse model and "
-      f"{tokens(tc.steps) / 1e6:.1f}M per dense one, "
-      f"{PAPER_TOKENS / tokens(sparse_steps):,.0f}x fewer than the paper's; the validation "
+      f"- **Scale.** {_tokens(tc, sparse_steps) / 1e6:.1f}M tokens per sparse model and "
+      f"{_tokens(tc, tc.steps) / 1e6:.1f}M per dense one, "
+      f"{PAPER_TOKENS / _tokens(tc, sparse_steps):,.0f}x fewer than the paper's; the validation "
       + (f"losses ({min(vals):.2f}-{max(vals):.2f} nats/token) are " if vals else "losses are ")
       + "on this corpus and tokenizer, not comparable with the paper's.")
   margin = (f", and k must meet it on the selection pairs by {ccfg.select_margin_se:g} "

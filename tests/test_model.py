@@ -58,6 +58,22 @@ def test_causality(tiny_model_cfg, sink, rope, smear):
     assert np.abs(np.asarray(a[:, pos] - b[:, pos])).max() > 0
 
 
+@pytest.mark.parametrize("sink", [False, True])
+def test_every_prefix_gives_the_same_logits(tiny_model_cfg, sink):
+  """Attention runs in two causal halves split at L // 2, so each prefix length splits the
+  queries elsewhere: the logits must not depend on where (nor on the length at all)."""
+  cfg = dataclasses.replace(_full_cfg(tiny_model_cfg), sink=sink, rope=True)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(4))
+  for block in params["blocks"].values():
+    if sink:
+      block["attn"]["sink"] = jnp.array([1.5, -0.5])
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 11), 0, cfg.vocab_size)
+  fwd = jax.jit(lambda t: model_lib.forward(params, t, cfg))
+  full = fwd(tokens)
+  for length in (1, 3, 6):  # split at none, 1 and 3; the full 11 at 5
+    np.testing.assert_allclose(fwd(tokens[:, :length]), full[:, :length], rtol=1e-5, atol=1e-6)
+
+
 def test_causality_by_gradient(tiny_model_cfg):
   """d logit[t] / d input embedding[s] is zero for every s > t (and nonzero at s = t)."""
   cfg = _full_cfg(tiny_model_cfg)

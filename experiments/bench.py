@@ -24,6 +24,10 @@
   against every pair padded to the longest (a random model, synthetic ragged pairs;
   `--preset`/`--set` are ignored): evaluation in 8 groups vs 1 (exact), mask training with 4
   length strata vs uniform draws.
+- host_memory (`--only host_memory`): the config's train step with host malloc keeping freed
+  blocks for reuse (`sparse_jax.hostmem`, what every CLI does) against the glibc default, in
+  alternating child processes (the setting is process-wide): median step and minor page
+  faults per step of each, and their ratio.
 Timings alternate between the two variants and report medians, since the machine is shared.
 """
 
@@ -51,7 +55,8 @@ from sparse_jax import train as train_lib
 from sparse_jax.config import Config, apply_overrides
 
 
-SECTIONS = ("optimizer", "train_step", "circuits", "peer_config", "topk", "length_groups")
+SECTIONS = ("optimizer", "train_step", "circuits", "peer_config", "topk", "length_groups",
+            "host_memory")
 
 
 def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int):
@@ -312,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
   if "length_groups" in sections:
     from experiments import bench_circuits  # pylint: disable=import-outside-toplevel
     out["length_groups"] = bench_circuits.bench_length_groups()
+  if "host_memory" in sections:
+    from experiments import bench_hostmem  # pylint: disable=import-outside-toplevel
+    out["host_memory"] = bench_hostmem.bench_host_memory(args.preset, args.overrides)
   json.dump(out, sys.stdout, indent=2)
   print()
   return 0

@@ -4,8 +4,9 @@
 system: OSError, including a workdir that is a file, a read-only disk or a busy lock; a
 non-finite loss: FloatingPointError) prints one `error: ...` line to stderr and returns 2;
 Ctrl-C prints one line and returns 130. Anything else is a bug and keeps its traceback.
-`cli.run(main)` is what `python -m experiments.X` calls: the log setup, then main. (Calling
-main(argv) in-process, as the tests do, leaves the host's logging alone.)
+`cli.run(main)` is what `python -m experiments.X` calls: host memory set to reuse freed
+blocks (`sparse_jax.hostmem`), the log setup, then main. (Calling main(argv) in-process, as
+the tests do, leaves the host's malloc and logging alone.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import logging
 import sys
 from typing import Callable
+
+from sparse_jax import hostmem
 
 EXPECTED = (ValueError, OSError, FloatingPointError)
 # Dependencies (absl, via orbax) configure the root logger before main runs, which makes
@@ -59,7 +62,12 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
 
 
 def run(main: Callable[..., int]) -> None:
-  """The `__main__` entry point of a CLI: shows the project's logs, runs main, exits."""
+  """The `__main__` entry point of a CLI: shows the project's logs, runs main, exits.
+
+  Host malloc is set to reuse freed blocks first, before anything starts JAX's backend
+  (`sparse_jax.hostmem`: XLA:CPU's per-step temporaries no longer fault in afresh).
+  """
+  hostmem.reuse_freed_memory()
   setup_logging()
   code = main()
   if code == 130:

@@ -42,8 +42,9 @@ def get_config(name: str) -> Config:
     # positions ends 0.22-0.29 nats worse and meets fewer tasks, and rotary ones train faster
     # than learned absolute ones (docs/ablations.md, "Learned positions", "Rotary positions");
     # the paper finds positions neutral at scale. Weight matmuls take bf16 operands and sum
-    # in f32 (the authors train with fp16 autocast): on this CPU's AMX units the train step
-    # is 1.3x (sparse) to 1.5x (dense) faster at the same loss (docs/throughput.md).
+    # in f32 (the authors train with fp16 autocast): on an Intel CPU's AMX units the train step
+    # is 1.3x (sparse) to 1.5x (dense) faster at the same loss; on a CPU without bf16 units
+    # it is about even with f32 (docs/throughput.md).
     return Config(
         model=ModelConfig(n_layer=2, d_model=128, n_head=8, d_head=16, d_mlp=512,
                           vocab_size=2048, block_size=128, afrac=0.25,

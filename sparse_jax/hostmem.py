@@ -3,7 +3,7 @@
 XLA:CPU allocates each call's temporaries as one block (182 MB for the cpu preset's train
 step) and frees it when the call returns. glibc serves a block that size from one of its
 worker-thread arenas with a fresh `mmap`, and `munmap`s it on free, so every step the kernel
-faults in each of its 44k pages again: on the project's 2-core CPU that was a sixth of the
+faults in each of its 44k pages again: on the project's 2-core CPU that was a quarter of the
 step's CPU time, spent in the kernel (docs/throughput.md, "Page faults"). With one arena,
 no `mmap` and no trimming, the block comes from the main heap, stays there when freed, and
 the next step reuses it without a fault.

@@ -156,8 +156,12 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
   select, test = split_heldout(taskset, ccfg)
   T, N, target = len(taskset.names), masks.n_nodes(cfg), ccfg.target_loss
   settings = dataclasses.asdict(ccfg)
+  grid_G = tuple(ccfg.k_coef_grid) or (ccfg.k_coef,)
+  G = len(grid_G)
+  # Rank tables of T (the solvability check) and up to T x G units (the search) rows share
+  # one compiled evaluation program.
   ev = Evaluator(params, cfg, {"select": select, "test": test}, means, ccfg.eval_max_seqs,
-                 ccfg.lbfgs_steps, ccfg.eval_length_groups)
+                 ccfg.lbfgs_steps, ccfg.eval_length_groups, max_units=T * G)
 
   ev.set_ranks(np.zeros((T, N)), np.arange(T))  # k = N keeps all, k = 0 none
   every, full, none = np.arange(T), np.full(T, N), np.zeros(T)
@@ -189,8 +193,6 @@ def find_circuits(params, cfg: ModelConfig, taskset: TaskSet, means, circuit_cfg
   if not searched.size:
     return out
 
-  grid_G = tuple(ccfg.k_coef_grid) or (ccfg.k_coef,)
-  G = len(grid_G)
   train_S = jax.tree.map(lambda x: x[searched], taskset.train)
   # Each task's noise and minibatches are keyed by its name, not its place in the list.
   ids_S = [zlib.crc32(taskset.names[t].encode()) & 0x7FFFFFFF for t in searched]

@@ -153,8 +153,12 @@ class Evaluator:
   """
 
   def __init__(self, params, cfg: ModelConfig, splits: dict[str, TaskArrays], means,
-               max_seqs: int, lbfgs_steps: int, n_groups: int = 1):
+               max_seqs: int, lbfgs_steps: int, n_groups: int = 1, max_units: int = 0):
+    """`max_units` > 0 pads every rank table to that many rows, so that `set_ranks` calls
+    with up to that many units share one compiled program (each new row count recompiles
+    the whole vmapped forward: 25-35 s on a 2-core CPU at the cpu preset)."""
     self.cfg, self.mesh, self.lbfgs_steps = cfg, masks.task_mesh(), lbfgs_steps
+    self.max_units = max_units
     n_dev = 1 if self.mesh is None else self.mesh.size
     self.chunk, self.order, groups = {}, {}, {}
     for split, arrays in splits.items():
@@ -171,9 +175,15 @@ class Evaluator:
     self.params, self.means, self.groups = masks.put((params, means, groups), self.mesh, False)
 
   def set_ranks(self, rank_UxN: np.ndarray, task_U: np.ndarray) -> None:
-    self.task_U = np.asarray(task_U, np.int32)
-    self.rank, self.task = masks.put((jnp.asarray(rank_UxN, jnp.int32),
-                                      jnp.asarray(self.task_U)), self.mesh, False)
+    """Unit u keeps nodes by rank_UxN[u] and is scored on task task_U[u]."""
+    rank_UxN, self.task_U = np.asarray(rank_UxN, np.int32), np.asarray(task_U, np.int32)
+    U = len(self.task_U)
+    if self.max_units and U > self.max_units:
+      raise ValueError(f"Evaluator.set_ranks: {U} units, over max_units={self.max_units}")
+    pad = max(self.max_units - U, 0)  # padded rows are never indexed: units are < U
+    self.rank, self.task = masks.put((jnp.asarray(np.pad(rank_UxN, ((0, pad), (0, 0)))),
+                                      jnp.asarray(np.pad(self.task_U, (0, pad)))),
+                                     self.mesh, False)
 
   def d(self, split: str, unit_C, k_C, invert_C=None) -> np.ndarray:
     """d_CxPx2 for candidates (unit, k, invert); invert keeps everything but the top k."""

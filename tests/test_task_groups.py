@@ -79,3 +79,32 @@ def test_evaluator_by_length_groups_matches_the_plain_forward(tiny_model_cfg):
     ev.set_ranks(rank_UxN, task_U)
     np.testing.assert_allclose(ev.d("s", unit_C, k_C, invert_C), np.stack(want), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_evaluator_rank_tables_up_to_max_units_share_one_program(tiny_model_cfg):
+  """Rank tables of different unit counts, padded to max_units, give the unpadded scores and
+  compile the evaluation once; more units than max_units is an error."""
+  cfg = tiny_model_cfg
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  arrays = ragged_tasks(cfg, T=2, P=6)
+  means = {site: jax.random.normal(jax.random.PRNGKey(1), (w,))
+           for site, w in model_lib.node_sites(cfg).items()}
+  N = masks.n_nodes(cfg)
+  rank_UxN = np.stack([np.random.default_rng(u).permutation(N) for u in range(4)])
+  unit_C, k_C = np.array([0, 1, 1, 0]), np.array([3, N // 2, 7, N])
+  plain = scoring.Evaluator(params, cfg, {"s": arrays}, means, max_seqs=24, lbfgs_steps=4)
+  padded = scoring.Evaluator(params, cfg, {"s": arrays}, means, max_seqs=24, lbfgs_steps=4,
+                             max_units=4)
+  tables = ((rank_UxN[:2], np.array([0, 1])), (rank_UxN, np.array([1, 0, 0, 1])))
+  got, new_programs = [], []
+  for rank, task_U in tables:
+    before = scoring._circuit_d._cache_size()
+    padded.set_ranks(rank, task_U)
+    got.append(padded.d("s", unit_C, k_C))
+    new_programs.append(scoring._circuit_d._cache_size() - before)
+  assert new_programs[1] == 0  # 4 rows after 2: the same program (unpadded, it recompiles)
+  for (rank, task_U), d in zip(tables, got):
+    plain.set_ranks(rank, task_U)
+    np.testing.assert_array_equal(d, plain.d("s", unit_C, k_C))
+  with np.testing.assert_raises_regex(ValueError, "5 units, over max_units=4"):
+    padded.set_ranks(np.zeros((5, N)), np.zeros(5))

@@ -5,8 +5,9 @@ system: OSError, including a workdir that is a file, a read-only disk or a busy 
 non-finite loss: FloatingPointError) prints one `error: ...` line to stderr and returns 2;
 Ctrl-C prints one line and returns 130. Anything else is a bug and keeps its traceback.
 `cli.run(main)` is what `python -m experiments.X` calls: host memory set to reuse freed
-blocks (`sparse_jax.hostmem`), the log setup, then main. (Calling main(argv) in-process, as
-the tests do, leaves the host's malloc and logging alone.)
+blocks (`sparse_jax.hostmem`), the log setup, the persistent compilation cache
+(`sparse_jax.compile_cache`), then main. (Calling main(argv) in-process, as the tests do,
+leaves the host's malloc, logging and JAX's cache settings alone.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import sys
 from typing import Callable
 
-from sparse_jax import hostmem
+from sparse_jax import compile_cache, hostmem
 
 EXPECTED = (ValueError, OSError, FloatingPointError)
 # Dependencies (absl, via orbax) configure the root logger before main runs, which makes
@@ -65,10 +66,13 @@ def run(main: Callable[..., int]) -> None:
   """The `__main__` entry point of a CLI: shows the project's logs, runs main, exits.
 
   Host malloc is set to reuse freed blocks first, before anything starts JAX's backend
-  (`sparse_jax.hostmem`: XLA:CPU's per-step temporaries no longer fault in afresh).
+  (`sparse_jax.hostmem`: XLA:CPU's per-step temporaries no longer fault in afresh). Programs
+  compiled by an earlier run of any command on this kind of CPU are loaded, not compiled
+  again (`sparse_jax.compile_cache`).
   """
   hostmem.reuse_freed_memory()
   setup_logging()
+  compile_cache.enable()
   code = main()
   if code == 130:
     # Interrupted: the run already stopped cleanly (checkpoints closed, nothing half-written).

@@ -48,10 +48,12 @@ def host_id(cpuinfo: str | None = None) -> str:
     except OSError:
       cpuinfo = ""
   wanted = ("model name", "flags", "features", "cpu model", "isa")  # x86, arm, s390, riscv
-  lines = sorted({line.split(":", 1)[0].strip() + ":" + " ".join(line.split(":", 1)[1].split())
-                  for line in cpuinfo.splitlines()
-                  if ":" in line and line.split(":", 1)[0].strip().lower() in wanted})
-  described = "\n".join(lines) or f"{platform.machine()} {platform.processor()}"
+  lines = set()  # one per distinct value: every core repeats them
+  for line in cpuinfo.splitlines():
+    key, colon, value = line.partition(":")
+    if colon and key.strip().lower() in wanted:
+      lines.add(f"{key.strip()}:{' '.join(value.split())}")
+  described = "\n".join(sorted(lines)) or f"{platform.machine()} {platform.processor()}"
   return hashlib.sha256(described.encode()).hexdigest()[:12]
 
 
